@@ -1,0 +1,350 @@
+"""model.py: parity with transformers' Cohere2, masking, KV-cache generation, FP8, parameter and FLOP counts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, build_pair,
+                   convert_cohere2_state_dict, document_positions, generate, sample, scaled_mm, to_cohere2_config)
+
+SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8, max_seq_len=64)
+
+
+def make_model(config=SMALL, seed=0, init_std=None):
+    torch.manual_seed(seed)
+    if init_std is not None:  # a sharper random model: greedy decoding then has no near-ties
+        config = Config(**{**config.__dict__, "init_std": init_std})
+    return Transformer(config).eval()
+
+
+# --- parity with Hugging Face Cohere2 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [
+    Config(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=16),
+    Config(vocab_size=300, dim=96, n_layers=8, n_heads=6, n_kv_heads=3, ffn_dim=160, window=7, rope_theta=10000.0,
+           logit_scale=0.0625),
+    Config(vocab_size=128, dim=32, n_layers=3, n_heads=4, n_kv_heads=1, ffn_dim=48, window=5, logit_scale=0.3),
+])
+def test_logits_match_transformers_cohere2(config):
+    pytest.importorskip("transformers")
+    hf, ours = build_pair(config, seed=1)
+    for p in hf.parameters():  # a random LayerNorm weight too, so the norm's weight is exercised
+        if p.dim() == 1:
+            torch.nn.init.uniform_(p, 0.5, 1.5)
+    ours.load_state_dict(convert_cohere2_state_dict(hf.state_dict()))
+    idx = torch.randint(config.vocab_size, (2, 3 * config.window + 5))  # longer than 2x the window
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_greedy_generation_matches_transformers_generate():
+    pytest.importorskip("transformers")
+    hf, ours = build_pair(SMALL, seed=2)
+    torch.manual_seed(3)
+    for p in hf.parameters():  # sharper than the default init, so greedy decoding has no near-ties
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.3)
+    ours.load_state_dict(convert_cohere2_state_dict(hf.state_dict()))
+    prompt = torch.randint(SMALL.vocab_size, (1, 5))
+    theirs = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 5:].tolist()
+    assert generate(ours, prompt.tolist(), 20, temperature=0) == [theirs]
+
+
+def test_cohere2_config_round_trip_and_r7b_config():
+    assert Config.from_cohere2(to_cohere2_config(SMALL)) == SMALL
+    r7b_json = {  # the fields of Command R7B's config.json that decide the architecture
+        "model_type": "cohere2", "vocab_size": 256000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "sliding_window": 4096,
+        "sliding_window_pattern": 4, "rope_theta": 50000.0, "logit_scale": 0.25, "layer_norm_eps": 1e-5,
+        "max_position_embeddings": 8192}
+    assert Config.from_cohere2(r7b_json) == PRESETS["r7b"]
+    with pytest.raises(ValueError, match="layer_types"):
+        Config.from_cohere2({**r7b_json, "layer_types": ["full_attention"] * 32})
+
+
+def test_convert_cohere2_state_dict_rejects_unknown_keys():
+    hf_sd = {k: torch.zeros(1) for k in ("model.embed_tokens.weight", "model.norm.weight", "model.extra.weight")}
+    with pytest.raises(ValueError, match="model.extra.weight|extra.weight"):
+        convert_cohere2_state_dict(hf_sd)
+
+
+# --- attention masks -----------------------------------------------------------------------------------------
+
+def influence(model, position, seq_len=40):
+    """Which output positions change when the token at `position` changes."""
+    idx = torch.randint(model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, position] = (idx[0, position] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        delta = (model(idx) - model(changed)).abs().amax(dim=-1)[0]
+    return delta > 0
+
+
+def test_sliding_window_layer_cannot_see_past_window():
+    model = make_model(Config(**{**SMALL.__dict__, "n_layers": 1, "full_every": 2}))  # one sliding layer
+    assert model.blocks[0].sliding
+    seen = influence(model, position=10)
+    window = SMALL.window
+    assert not seen[:10].any()  # causal
+    assert seen[10:10 + window].all()  # q - window < k <= q
+    assert not seen[10 + window:].any()
+
+
+def test_full_layer_sees_everything_before_it():
+    model = make_model(Config(**{**SMALL.__dict__, "n_layers": 1, "full_every": 1}))  # one full NoPE layer
+    assert not model.blocks[0].sliding
+    seen = influence(model, position=3)
+    assert not seen[:3].any() and seen[3:].all()
+
+
+def test_layer_pattern_is_three_sliding_then_one_full():
+    assert [PRESETS["command-a"].is_sliding(i) for i in range(8)] == [True, True, True, False] * 2
+
+
+def test_document_positions_restart_per_document():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 6, 6, 6]])
+    assert document_positions(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]]
+
+
+def test_packed_documents_give_the_same_logits_as_separate_runs():
+    model = make_model()
+    lengths = [7, 19, 12]  # the middle one is longer than 2x the window
+    docs = [torch.randint(SMALL.vocab_size, (1, n)) for n in lengths]
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model(torch.cat(docs, dim=1), doc_ids=doc_ids)
+        separate = torch.cat([model(doc) for doc in docs], dim=1)
+    assert (packed - separate).abs().max() < 1e-5
+
+
+# --- loss ----------------------------------------------------------------------------------------------------
+
+def test_chunked_cross_entropy_matches_full_logits_loss_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)  # 37 rows: chunks of 8 leave a remainder
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(50, (37,))
+    targets[[0, 5, 36]] = -100
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, 0.3, 8)
+    grads = torch.autograd.grad(loss * 2.0, (hidden, weight))
+    logits = (hidden * 0.3) @ weight.t()
+    log_probs = logits - logits.exp().sum(-1, keepdim=True).log()  # written out, not F.cross_entropy
+    keep = targets != -100
+    reference = -log_probs[keep, targets[keep]].mean()
+    reference_grads = torch.autograd.grad(reference * 2.0, (hidden, weight))
+    assert torch.allclose(loss, reference, atol=1e-6)
+    for got, want in zip(grads, reference_grads):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_bf16_autocast_loss_stays_close_to_fp32_and_keeps_fp32_logits():
+    model = make_model()
+    idx = torch.randint(SMALL.vocab_size, (2, 30))
+    with torch.no_grad():
+        fp32 = model.loss(idx, idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.loss(idx, idx)
+            logits = model(idx)
+    assert logits.dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) < 0.01 * fp32.item()
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    model = make_model()
+    idx = torch.randint(SMALL.vocab_size, (2, 30))
+    targets = torch.randint(SMALL.vocab_size, (2, 30))
+    targets[0, :4] = -100
+    with torch.no_grad():
+        expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        assert torch.allclose(model.loss(idx, targets), expected, atol=1e-6)
+
+
+# --- generation ----------------------------------------------------------------------------------------------
+
+def uncached_greedy(model, prompt, max_new_tokens):
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            tokens.append(model(torch.tensor([tokens]))[0, -1].argmax().item())
+    return tokens[len(prompt):]
+
+
+def test_cached_greedy_generation_equals_uncached_across_lengths_and_past_the_window():
+    model = make_model(init_std=0.3)
+    prompts = [torch.randint(SMALL.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (1, 5, 13, 22)]  # shorter and longer than the window of 8
+    cached = generate(model, prompts, max_new_tokens=25, temperature=0)
+    assert cached == [uncached_greedy(model, p, 25) for p in prompts]
+
+
+def test_rolling_cache_never_holds_more_than_window_keys_in_sliding_layers():
+    model = make_model()
+    prompts = [[1] * 30, [2] * 3]
+    _, cache = generate(model, prompts, max_new_tokens=20, temperature=0, return_cache=True)
+    for layer, block in enumerate(model.blocks):
+        expected = SMALL.window if block.sliding else 30 + 20
+        assert cache.keys[layer].shape[2] == cache.values[layer].shape[2] == expected
+
+
+def test_kv_cache_at_8x_window_is_11_32nds_of_a_full_cache():
+    model = make_model()
+    length = 8 * SMALL.window
+    _, cache = generate(model, [[1] * (length - 1)], 1, temperature=0, return_cache=True)
+    full = SMALL.n_layers * length * 2 * SMALL.n_kv_heads * SMALL.head_dim * 4
+    assert cache.nbytes() * 32 == full * 11  # 3 layers of `window` slots + 1 of 8 windows, over 4 x 8 windows
+
+
+def test_generation_stops_at_a_stop_token_and_keeps_it():
+    model = make_model(init_std=0.3)
+    free = generate(model, [[3, 4, 5]], 12, temperature=0)[0]
+    stop = free[4]
+    stopped = generate(model, [[3, 4, 5]], 12, temperature=0, stop_tokens=[stop])[0]
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
+    draws = sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert torch.equal(draws, sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0)))
+    assert sample(logits[:1], 0, 1.0).item() == 0
+
+
+# --- FP8 -----------------------------------------------------------------------------------------------------
+
+def relative_error(got, want):
+    return ((got - want).norm() / want.norm()).item()
+
+
+def test_fp8_linear_forward_and_backward_stay_close_to_fp32():
+    torch.manual_seed(0)
+    linear = Linear(256, 512)
+    x = torch.randn(4, 60, 256, requires_grad=True)  # 240 rows: padded to a multiple of 16 internally
+    grad_out = torch.randn(4, 60, 512)
+    master = linear.weight.detach().clone()
+    results = []
+    for fp8 in (False, True):
+        linear.fp8 = fp8
+        y = linear(x)
+        x_grad, w_grad = torch.autograd.grad(y, (x, linear.weight), grad_out)
+        results.append((y.detach(), x_grad, w_grad))
+    (y32, dx32, dw32), (y8, dx8, dw8) = results
+    assert relative_error(y8, y32) < 0.06  # e4m3: 3 mantissa bits
+    assert relative_error(dx8, dx32) < 0.10 and relative_error(dw8, dw32) < 0.10  # e5m2 gradients: 2 bits
+    assert dw8.dtype == torch.float32 and torch.equal(linear.weight, master)  # fp32 master weight untouched
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_fp8_matmul_agrees_with_torch_scaled_mm(out_dtype):
+    torch.manual_seed(0)
+    a = (torch.randn(32, 64) * 3).to(torch.float8_e4m3fn)
+    b = torch.randn(48, 64).to(torch.float8_e5m2).t()  # mixed formats, as in the backward pass
+    a_inv, b_inv = torch.tensor(0.37), torch.tensor(1.9)
+    ours = scaled_mm(a, b, a_inv, b_inv, out_dtype).float()
+    theirs = torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype).float()
+    if out_dtype == torch.float32:  # fp32 accumulation in another order: rounding-level differences
+        assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max()
+    else:  # bf16 outputs at most one rounding step (2^-8 relative) apart
+        assert ((ours - theirs).abs() <= 2 ** -7 * theirs.abs()).all()
+
+
+def test_fp8_matmul_enforces_the_gpu_layout_rules():
+    a = torch.randn(32, 64).to(torch.float8_e4m3fn)
+    b = torch.randn(48, 64).to(torch.float8_e4m3fn)
+    one = torch.tensor(1.0)
+    scaled_mm(a, b.t(), one, one, torch.float32)  # row-major @ column-major: fine
+    with pytest.raises(RuntimeError, match="row-major"):
+        scaled_mm(a.t().contiguous().t(), b.t(), one, one, torch.float32)
+    with pytest.raises(RuntimeError, match="column-major"):
+        scaled_mm(a, b.t().contiguous(), one, one, torch.float32)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        scaled_mm(a[:, :40].contiguous(), b[:, :40].t(), one, one, torch.float32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Transformer(Config(**{**SMALL.__dict__, "ffn_dim": 120})).set_fp8(True)
+
+
+def train_losses(fp8, steps=30):
+    model = make_model().train()
+    model.set_fp8(fp8)
+    assert all(b.in_proj.fp8 == b.out_proj.fp8 == fp8 for b in model.blocks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.arange(33).repeat(4, 1) % 11  # a repeating pattern a model can learn in a few steps
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(data[:, :-1], data[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tiny_model_trains_in_fp8_like_in_fp32():
+    fp8, fp32 = train_losses(fp8=True), train_losses(fp8=False)
+    assert fp8[-1] < 0.3 * fp8[0]
+    assert abs(fp8[-1] - fp32[-1]) < 0.2 * fp32[-1]
+
+
+def test_fp8_switches_on_and_off_at_run_time():
+    model = make_model()
+    idx = torch.randint(SMALL.vocab_size, (2, 16))
+    with torch.no_grad():
+        reference = model(idx)
+        model.set_fp8(True)
+        assert not torch.equal(model(idx), reference)  # the matmuls really ran in FP8
+        model.set_fp8(False)
+        assert torch.equal(model(idx), reference)
+
+
+# --- sizes, FLOPs, bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, billions", [("command-a", 111.06), ("r7b", 8.03)])
+def test_full_size_presets_build_on_meta_with_the_reported_parameter_count(preset, billions):
+    config = PRESETS[preset]
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert all(p.is_meta for p in model.parameters())  # nothing allocated
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == config.num_params()
+    assert round(n_params / 1e9, 2) == billions
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_num_params_equals_the_built_models_count(preset):
+    with torch.device("meta"):
+        model = Transformer(PRESETS[preset])
+    assert sum(p.numel() for p in model.parameters()) == PRESETS[preset].num_params()
+
+
+def test_flops_per_token_counts_every_matmul_and_the_windowed_attention():
+    config = SMALL  # window 8, 4 layers: 3 sliding + 1 full
+    model = make_model()
+    idx = torch.randint(config.vocab_size, (2, 32))
+    with FlopCounterMode(display=False) as counter:  # counts the matmuls (the CPU SDPA kernel is not counted)
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    matmul_flops = counter.get_flop_counts()["Global"][torch.ops.aten.mm]
+    attention_per_token = 12 * config.n_heads * config.head_dim * (3 * 8 + 32)  # QK^T and AV, fwd + bwd
+    assert config.flops_per_token(32) * idx.numel() == matmul_flops + attention_per_token * idx.numel()
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"n_kv_heads": 3}, "n_kv_heads"), ({"window": 0}, "window"), ({"dim": 66}, "dim"),
+    ({"n_layers": -1}, "n_layers"), ({"dim": 36, "n_heads": 12, "n_kv_heads": 4}, "even"),
+])
+def test_inconsistent_config_raises_naming_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        Config(**{**SMALL.__dict__, **change})
+
+
+def test_loading_a_wrong_shape_names_the_key_and_both_shapes():
+    model = make_model()
+    state = model.state_dict()
+    state["blocks.2.in_proj.weight"] = torch.zeros(7, 64)
+    with pytest.raises(ValueError) as error:
+        model.load_state_dict(state)
+    message = str(error.value)
+    assert "blocks.2.in_proj.weight" in message and "(7, 64)" in message
+    assert str(tuple(model.blocks[2].in_proj.weight.shape)) in message
