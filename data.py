@@ -417,6 +417,8 @@ def open_shard(path, enc: tiktoken.Encoding) -> np.memmap:
     if sidecar["tokenizer"] != enc.name:
         raise ValueError(f"{path}: written with tokenizer {sidecar['tokenizer']}, not {enc.name}; "
                          f"rewrite it with: python data.py shards")
+    if sidecar["n_tokens"] == 0:
+        raise ValueError(f"{path}: the shard is empty (its text file had no documents)")
     if os.path.getsize(path) != sidecar["n_tokens"] * needed.itemsize:
         raise ValueError(f"{path}: {os.path.getsize(path)} bytes, but its sidecar says {sidecar['n_tokens']} "
                          f"{needed.name} tokens; the shard is truncated or not this sidecar's")

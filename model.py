@@ -47,6 +47,8 @@ class Config:
     logit_scale: float = 0.25
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # µP (report §2.4; Yang et al. 2021): the width whose hyper-parameters transfer; None = standard parametrisation
+    mup_base_dim: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "window",
@@ -59,10 +61,23 @@ class Config:
             raise ValueError(f"Config.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"Config.dim / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
+        if self.mup_base_dim is not None and self.mup_base_dim <= 0:
+            raise ValueError(f"Config.mup_base_dim must be positive, got {self.mup_base_dim}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads  # as in Cohere2, which derives it the same way
+
+    @property
+    def width_mult(self) -> float:
+        """dim / mup_base_dim under µP, else 1."""
+        return self.dim / self.mup_base_dim if self.mup_base_dim else 1.0
+
+    @property
+    def output_scale(self) -> float:
+        """The logit multiplier: logit_scale, divided by width_mult under µP (µP's readout multiplier 1/width,
+        which keeps logits O(1) as the width grows; with tied embeddings the table itself keeps an O(1) init)."""
+        return self.logit_scale / self.width_mult
 
     def is_sliding(self, layer: int) -> bool:
         return (layer + 1) % self.full_every != 0
@@ -263,6 +278,9 @@ class Block(nn.Module):
         self.layer = layer
         self.sliding = config.is_sliding(layer)
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        # µP scores q.k / head_dim, not / sqrt(head_dim): q and k become correlated in training, so q.k grows
+        # like head_dim, not its square root. None is SDPA's default 1 / sqrt(head_dim).
+        self.attn_scale = 1 / config.head_dim if config.mup_base_dim else None
         attn, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.split_sizes = [attn, kv, kv, config.ffn_dim, config.ffn_dim]  # q, k, v, gate, up
         self.norm = LayerNorm(config.dim, config.norm_eps)
@@ -279,7 +297,8 @@ class Block(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+                                              scale=self.attn_scale)
         attn = attn.transpose(1, 2).reshape(B, T, -1)
         return x + self.out_proj(torch.cat([attn, F.silu(gate) * up], dim=-1))
 
@@ -339,9 +358,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Normal(0, init_std) for matmul weights, scaled by 1/sqrt(2 n_layers) on the projections into the
-        residual stream (GPT-2); LayerNorm weights 1. Call after materialising a model built on meta."""
-        std = self.config.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        residual stream (GPT-2); LayerNorm weights 1. Call after materialising a model built on meta. Under µP
+        the block matrices' std shrinks by sqrt(width_mult) (variance ~ 1/fan_in); the embedding's does not."""
+        nn.init.normal_(self.embed.weight, std=self.config.init_std)
+        std = self.config.init_std / math.sqrt(self.config.width_mult)
         for block in self.blocks:
             nn.init.normal_(block.in_proj.weight, std=std)
             nn.init.normal_(block.out_proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
@@ -375,7 +395,7 @@ class Transformer(nn.Module):
         matmul itself runs in the ambient precision). The scale multiplies the [B, T, dim] hidden states, not
         the [B, T, vocab] logits: the same product (0.25 is a power of two: even the rounding is identical)
         for vocab/dim times less work."""
-        return F.linear(hidden * self.config.logit_scale, self.embed.weight).float()
+        return F.linear(hidden * self.config.output_scale, self.embed.weight).float()
 
     def forward(self, idx, doc_ids=None, positions=None, cache=None):
         return self.logits(self.hidden_states(idx, doc_ids, positions, cache))
@@ -384,7 +404,21 @@ class Transformer(nn.Module):
         """Mean next-token cross-entropy over the targets that are not -100 (masked), computed by
         ChunkedCrossEntropy without ever holding all [B, T, vocab] logits."""
         hidden = self.hidden_states(idx, doc_ids, positions).flatten(0, 1)
-        return ChunkedCrossEntropy.apply(hidden, self.embed.weight, targets.flatten(), self.config.logit_scale)
+        return ChunkedCrossEntropy.apply(hidden, self.embed.weight, targets.flatten(), self.config.output_scale)
+
+    def sequence_logps(self, idx, targets, doc_ids, n_sequences: int, positions=None, average=False):
+        """log π(completion | prompt) of each packed sequence: the sum (or, with `average`, the per-token mean,
+        §3.5) of the log-probs of its scored targets (those not -100). Sequence s is where doc_ids == s, as
+        data.pack lays them out (-1 marks padding). Returns [n_sequences], differentiable."""
+        logits = self(idx, doc_ids, positions).flatten(0, 1)
+        targets, doc_ids = targets.flatten(), doc_ids.flatten()
+        scored = targets != -100
+        token_logps = -F.cross_entropy(logits[scored], targets[scored], reduction="none")
+        sums = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored], token_logps)
+        if not average:
+            return sums
+        counts = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored], torch.ones_like(token_logps))
+        return sums / counts.clamp(min=1)
 
     def set_fp8(self, enabled: bool):
         """Switch the block matmuls (not the embedding/output projection) between FP8 and the ambient dtype."""

@@ -348,3 +348,25 @@ def test_loading_a_wrong_shape_names_the_key_and_both_shapes():
     message = str(error.value)
     assert "blocks.2.in_proj.weight" in message and "(7, 64)" in message
     assert str(tuple(model.blocks[2].in_proj.weight.shape)) in message
+
+
+def test_sequence_logps_of_packed_sequences_equal_each_sequence_scored_alone():
+    model = make_model()
+    g = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(SMALL.vocab_size, (n,), generator=g) for n in (6, 11, 9)]
+    scored_from = [2, 5, 1]  # the completion starts here; earlier targets are prompt (-100)
+    tokens = torch.cat(sequences)[None]
+    doc_ids = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sequences)])[None]
+    targets = torch.full_like(tokens, -100)
+    start = 0
+    for s, first in zip(sequences, scored_from):
+        targets[0, start + first - 1:start + len(s) - 1] = s[first:]  # target t is token t + 1 of the sequence
+        start += len(s)
+    with torch.no_grad():
+        summed = model.sequence_logps(tokens, targets, doc_ids, n_sequences=3)
+        averaged = model.sequence_logps(tokens, targets, doc_ids, n_sequences=3, average=True)
+        for i, (s, first) in enumerate(zip(sequences, scored_from)):
+            log_probs = torch.log_softmax(model(s[None])[0], dim=-1)
+            expected = sum(log_probs[t - 1, s[t]] for t in range(first, len(s)))
+            assert summed[i].item() == pytest.approx(expected.item(), abs=1e-4)
+            assert averaged[i].item() == pytest.approx(expected.item() / (len(s) - first), abs=1e-5)

@@ -1,0 +1,327 @@
+"""Plumbing shared by every stage: distribution, precision, optimizer and LR schedule, checkpoints, logging.
+
+Report §2.4.1 (FSDP, bf16/FP8 with fp32 master weights and optimizer state) and §2.5 (linear cooldown);
+DESIGN.md §4, §5, §10. Stage scripts call these functions and never touch process groups themselves.
+
+- Distribution: `setup()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK). One process needs no
+  process group; several use gloo on CPU and NCCL on GPU, and the model is sharded with FSDP2: `fully_shard`
+  per block, then the root. `--replicate R` makes a 2-D (replicate x shard) mesh: HSDP, the report's DP and
+  FSDP axes. On GPU, FSDP2 gathers parameters in bf16 and reduces gradients in fp32; master weights and AdamW
+  state stay fp32 everywhere.
+- Checkpoints are full (unsharded) state dicts gathered to rank 0 and written atomically (temporary file, then
+  rename), so a checkpoint written at one world size loads at any other. Simple and exact; past a few tens of
+  billions of parameters rank 0's memory is the limit and torch.distributed.checkpoint's sharded format is the
+  step up.
+- Every stage writes to its --out: `model.pt` + `config.json` (what the next stage's --init reads),
+  `checkpoint.pt` (model + optimizer + step + RNG, for exact resume) and `metrics.jsonl`.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from model import Config, Transformer
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
+
+
+# -----------------------------------------------------------------------------
+# Device and process group
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank in the world, its device, and the FSDP mesh (None in one process)."""
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto", replicate: int = 1) -> Runtime:
+    """Pick the device and, under torchrun, join the process group and build the (replicate x shard) mesh."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    device = torch.device(device)
+    if world_size % replicate:
+        raise ValueError(f"--replicate {replicate} must divide the world size {world_size}")
+    mesh = None
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        shape, names = ((world_size,), ("shard",)) if replicate == 1 else \
+            ((replicate, world_size // replicate), ("replicate", "shard"))
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    return Runtime(rank, world_size, device, mesh)
+
+
+def teardown(runtime: Runtime):
+    """Leave the process group. The barrier matters: without it gloo sometimes aborts at exit (NOTES.md)."""
+    if runtime.mesh is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float, runtime: Runtime) -> float:
+    """The sum of `value` over all ranks (the value itself in one process)."""
+    if runtime.mesh is None:
+        return float(value)
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def autocast(runtime: Runtime):
+    """bf16 autocast on GPU (matmuls in bf16; model.py keeps norms, softmax and logits in fp32); fp32 on CPU."""
+    if runtime.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Model: build, shard, load
+
+
+def build_model(config: Config, runtime: Runtime, init: str | None = None, seed: int = 0,
+                recompute: bool = False) -> Transformer:
+    """The model on `runtime.device`, sharded with FSDP2 when there are several processes, with weights from
+    `init` (a model.pt or its folder) or freshly initialised from `seed`. With `recompute`, each block keeps
+    only its input for backward and recomputes the rest (activation checkpointing: ~1/3 more compute for a
+    fraction of the activation memory; `pretrain.py --dry-run` shows both).
+
+    Built on the meta device first, so no process ever holds the full model. A fresh initialisation draws
+    each rank's shard from its own generator: it depends on the world size. Runs that must match across
+    world sizes start from the same --init."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    if recompute:  # state dict keys stay the same: torch.distributed.checkpoint strips the wrapper's prefix
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    if runtime.mesh is not None:
+        shard_model(model, runtime)
+    model.to_empty(device=runtime.device)
+    if init is None:
+        torch.manual_seed(seed * 1000 + runtime.rank)
+        model.init_weights()
+    else:
+        state_dict = torch.load(model_path(init), map_location="cpu", mmap=True, weights_only=True)
+        set_state_dict(model, [], model_state_dict=state_dict, optim_state_dict={},
+                       options=StateDictOptions(full_state_dict=True))
+    return model
+
+
+def shard_model(model: Transformer, runtime: Runtime):
+    """FSDP2: each block is one unit whose parameters are gathered just before it runs, then the root (the
+    embedding and final norm). On GPU the gathered parameters are bf16 and gradients are reduced in fp32."""
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if runtime.device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=runtime.mesh, mp_policy=precision)
+    fully_shard(model, mesh=runtime.mesh, mp_policy=precision)
+    for method in ("loss", "hidden_states"):  # FSDP hooks forward() only; stages call these directly
+        register_fsdp_forward_method(model, method)
+
+
+def model_path(path) -> Path:
+    """`path` itself if it is a file, else `path`/model.pt."""
+    path = Path(path)
+    return path if path.is_file() else path / "model.pt"
+
+
+def load_config(path) -> dict:
+    """The config.json written next to a model.pt (path: the file or its folder)."""
+    config_path = model_path(path).with_name("config.json")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no such file; --init expects the --out folder of an earlier stage")
+    return json.loads(config_path.read_text())
+
+
+def load_model(path, device="cpu") -> tuple[Transformer, dict]:
+    """A finished stage's model (unsharded, one process) and its config.json, e.g. for evaluation or merging."""
+    info = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(Config(**info["model"]))
+    state_dict = torch.load(model_path(path), map_location=device, mmap=True, weights_only=True)
+    model.load_state_dict(state_dict, assign=True)
+    return model, info
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and learning-rate schedule
+
+
+def make_optimizer(model: Transformer, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) with two parameter groups, built from parameter names (after sharding).
+
+    - block matrices (in_proj, out_proj): weight decay; under µP their LR is lr * base_width / width, the
+      µP rule for hidden ("matrix-like") weights under Adam (Yang et al. 2021, Table 8).
+    - the tied embedding and the LayerNorm weights: no weight decay, the LR unscaled ("vector-like" under µP).
+      Decay would pull the embedding rows of tokens absent from a batch toward zero with nothing pulling back,
+      and a norm's gain has no scale to regularise. The report names no decay groups; this is common practice.
+    Each group keeps its peak LR as "base_lr"; `set_lr` scales it by the schedule."""
+    width_mult = model.config.width_mult
+    matrices = [p for name, p in model.named_parameters() if name.endswith("proj.weight")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("proj.weight")]
+    groups = [dict(params=matrices, weight_decay=weight_decay, base_lr=lr / width_mult),
+              dict(params=others, weight_decay=0.0, base_lr=lr)]
+    return torch.optim.AdamW([g | {"lr": g["base_lr"]} for g in groups], lr=lr, betas=betas)
+
+
+def lr_factor(step: int, steps: int, warmup: int, cooldown: int, min_ratio: float, cosine: bool) -> float:
+    """The LR at `step` (0-based, of `steps`) as a fraction of the peak: linear warmup over `warmup` steps, then
+    constant (or cosine down to min_ratio at the end), and over the last `cooldown` steps a linear anneal
+    from wherever the main schedule is to min_ratio, reached on the last step (§2.5: 2.5e-4 -> 1e-6)."""
+    def main(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = (s - warmup) / max(steps - 1 - warmup, 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    start = steps - cooldown
+    if step < start:
+        return main(step)
+    return main(start) + (min_ratio - main(start)) * (step - start) / max(cooldown - 1, 1)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float):
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (over all shards) to max_norm; return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and artifacts
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous file intact."""
+    partial = path.with_name(path.name + ".tmp")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def write_config(out, stage: str, preset: str, config: Config, args, tokenizer: str, parent: str | None):
+    """config.json: what the next stage needs to rebuild the model and to trace where it came from."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"stage": stage, "preset": preset, "model": asdict(config), "args": vars(args),
+            "tokenizer": tokenizer, "parent": parent}
+    partial = out / "config.json.tmp"
+    partial.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(partial, out / "config.json")
+
+
+def save_checkpoint(out, model, optimizer, step: int, runtime: Runtime):
+    """checkpoint.pt: full model and optimizer state (gathered to rank 0), the number of steps done, and
+    rank 0's RNG state. Data order is a pure function of the step (data.shard_batch), so the step is the
+    data position. Per-rank randomness, where a stage needs it, should be derived from (seed, step, rank)."""
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if runtime.is_main:
+        rng = {"cpu": torch.get_rng_state()}
+        if runtime.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(runtime.device)
+        atomic_save({"model": model_state, "optimizer": optim_state, "step": step, "rng": rng},
+                    Path(out) / "checkpoint.pt")
+    if runtime.mesh is not None:
+        dist.barrier()  # nobody goes on (and possibly crashes) before the checkpoint is complete
+
+
+def load_checkpoint(out, model, optimizer, runtime: Runtime) -> int:
+    """Restore --out/checkpoint.pt if there is one, whatever world size wrote it; return the steps done (0 if
+    none). Every rank reads the file (one machine, or a shared filesystem) and keeps its own shard."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if "cuda" in checkpoint["rng"] and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], runtime.device)
+    return checkpoint["step"]
+
+
+def save_model(out, model, runtime: Runtime):
+    """model.pt: the consolidated fp32 weights that the next stage loads with --init (or load_model)."""
+    model_state, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if runtime.is_main:
+        atomic_save(model_state, Path(out) / "model.pt")
+    if runtime.mesh is not None:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    """A tqdm bar on rank 0 and metrics.jsonl, one JSON line per log call. On resume from step s, lines from
+    steps after s (logged after the checkpoint) are dropped first, so a resumed run's file reads as if it had
+    never stopped."""
+
+    def __init__(self, out, runtime: Runtime, start_step: int, steps: int, start_tokens: int = 0,
+                 flops_per_token: float | None = None):
+        self.runtime, self.flops_per_token = runtime, flops_per_token
+        self.path = Path(out) / "metrics.jsonl"
+        self.bar = None
+        if runtime.is_main:
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step] \
+                if self.path.is_file() else []
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self.bar = tqdm(total=steps, initial=start_step, dynamic_ncols=True)
+        self.last_time, self.last_tokens = time.perf_counter(), start_tokens
+
+    def log(self, step: int, tokens: int, **metrics):
+        """Record metrics after `step` with `tokens` seen so far (all ranks); adds tokens/s and, on GPU, MFU."""
+        now = time.perf_counter()
+        record = {"step": step, "tokens": tokens, **metrics}
+        if tokens > self.last_tokens:
+            tokens_per_s = (tokens - self.last_tokens) / (now - self.last_time)
+            record["tokens_per_s"] = round(tokens_per_s, 1)
+            if self.runtime.device.type == "cuda" and self.flops_per_token:
+                record["mfu"] = round(tokens_per_s * self.flops_per_token
+                                      / (H100_BF16_PEAK_FLOPS * self.runtime.world_size), 4)
+        self.last_time, self.last_tokens = now, tokens
+        if self.runtime.is_main:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in record.items()
+                     if k in ("loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "mfu")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self):
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

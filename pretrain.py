@@ -1,0 +1,297 @@
+"""
+Pretraining (report §2.4-2.5): next-token prediction on packed token shards, with document masking.
+
+- Precision (§2.4.1): fp32 master weights and AdamW state; bf16 matmuls on GPU (autocast, and FSDP2 gathers
+  bf16 parameters); `--fp8-after N` runs the block matmuls in FP8 from step N on; the cooldown is bf16 again.
+- µP (§2.4): `--mup --base-width W` parametrises the model so that hyper-parameters tuned at width W transfer
+  to any width (model.Config.mup_base_dim: init, 1/head_dim attention, logit multiplier; common.make_optimizer:
+  per-group LR).
+- Cooldown (§2.5): over the last --cooldown-steps the LR anneals linearly to --min-lr in bf16. With
+  `--context-schedule 256:600,1024:200,2048:100` (length:steps) the cooldown lasts 900 steps: 600 at the base
+  length (--seq-len, the first entry), then stages in which every fourth step is a long-context batch from
+  corpus_long.bin (1024 tokens for 200 steps, then 2048 for 100). A long batch has as many tokens as a base one
+  (fewer, longer rows).
+- Validation loss and bits per byte on val.bin every --eval-every steps.
+
+Reads DATA/tokenizer.json, DATA/corpus.bin, DATA/val.bin (and DATA/corpus_long.bin for the context schedule);
+writes OUT/model.pt, OUT/config.json, OUT/metrics.jsonl, OUT/checkpoint.pt. Restarted on the same --out it
+resumes exactly from the last checkpoint, under any number of processes.
+
+    python pretrain.py                                                   # tiny, CPU, a few minutes
+    python pretrain.py --model small --data data/web --batch-size 16 --seq-len 2048 --fp8-after 1000   # 1 GPU
+    torchrun --nproc_per_node 8 pretrain.py --model r7b --replicate 2 ...     # FSDP2; HSDP over 2 x 4 GPUs
+    python pretrain.py --model command-a --dry-run 8,64,256                   # memory plan, allocates nothing
+"""
+
+import argparse
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from common import (Logger, all_reduce_sum, autocast, build_model, clip_grad_norm, load_checkpoint, load_config,
+                    lr_factor, make_optimizer, save_checkpoint, save_model, set_lr, setup, teardown, write_config)
+from data import IGNORE, load_tokenizer, open_shard, shard_batch
+from model import PRESETS, Config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=PRESETS, help="model preset")
+    parser.add_argument("--dim", type=int, help="override the preset's width (ffn_dim scales with it)")
+    parser.add_argument("--n-layers", type=int, help="override the preset's depth")
+    parser.add_argument("--init", help="start from this model.pt (or its --out folder) instead of a fresh init")
+    parser.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, corpus.bin, val.bin")
+    parser.add_argument("--out", default="runs/tiny/pretrain")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps, cooldown included")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per process and micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak LR (of the vector-like groups under µP)")
+    parser.add_argument("--min-lr", type=float, help="LR at the end of the cooldown (default: lr / 250, the "
+                                                     "report's 2.5e-4 -> 1e-6)")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument("--cooldown-steps", type=int, help="final linear LR anneal, in bf16 (default: the "
+                                                          "context schedule's steps, else 120)")
+    parser.add_argument("--context-schedule", help="cooldown stages LEN:STEPS,...; the first LEN is --seq-len; "
+                                                   "later stages interleave LEN-token batches every 4th step")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--fp8-after", type=int, help="FP8 block matmuls from this step until the cooldown")
+    parser.add_argument("--mup", action="store_true", help="µP parametrisation (needs --base-width)")
+    parser.add_argument("--base-width", type=int, help="µP base width: the width the hyper-parameters were tuned at")
+    parser.add_argument("--recompute", action="store_true", help="activation checkpointing: recompute each block "
+                                                                 "in backward")
+    parser.add_argument("--replicate", type=int, default=1, help="HSDP: replicas of the sharded model (DP axis)")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dry-run", metavar="WORLD_SIZES", help="print the per-GPU memory plan for these world "
+                                                                 "sizes (e.g. 8,64,256) and exit")
+    args = parser.parse_args(argv)
+    if args.mup != (args.base_width is not None):
+        parser.error("--mup and --base-width go together")
+    args.min_lr = args.lr / 250 if args.min_lr is None else args.min_lr
+    args.stages = parse_context_schedule(args.context_schedule, args.seq_len)
+    schedule_steps = sum(n for _, n in args.stages)
+    if args.cooldown_steps is None:
+        args.cooldown_steps = schedule_steps if args.stages else 120
+    if args.stages and args.cooldown_steps != schedule_steps:
+        parser.error(f"--cooldown-steps {args.cooldown_steps} differs from the context schedule's {schedule_steps}")
+    if args.cooldown_steps > args.steps:
+        parser.error(f"the cooldown ({args.cooldown_steps} steps) is longer than --steps {args.steps}")
+    for length, _ in args.stages[1:]:
+        if (args.batch_size * args.seq_len) % length:
+            parser.error(f"context length {length} must divide the batch's {args.batch_size} x {args.seq_len} "
+                         f"tokens: long batches keep the tokens per step")
+    return args
+
+
+def parse_context_schedule(spec: str | None, seq_len: int) -> list[tuple[int, int]]:
+    """"256:600,1024:200" -> [(256, 600), (1024, 200)]; the first length must be the base --seq-len."""
+    if not spec:
+        return []
+    stages = []
+    for item in spec.split(","):
+        length, _, steps = item.partition(":")
+        if not (length.isdigit() and steps.isdigit() and int(length) > 0 and int(steps) > 0):
+            raise ValueError(f"--context-schedule: {item!r} is not LENGTH:STEPS with positive integers")
+        stages.append((int(length), int(steps)))
+    if stages[0][0] != seq_len:
+        raise ValueError(f"--context-schedule starts at length {stages[0][0]}, but --seq-len is {seq_len}: "
+                         f"the first stage is the base length")
+    return stages
+
+
+def step_plan(step: int, steps: int, stages: list[tuple[int, int]], seq_len: int) -> tuple[bool, int, int]:
+    """(long, length, data_step) for optimizer step `step`: whether it is a long-context batch (every fourth
+    step of each cooldown stage after the first, §2.5), its sequence length, and its index among the batches
+    drawn from its own shard so far (data order stays a pure function of the step)."""
+    start = steps - sum(n for _, n in stages)
+    long_before, stage_start = 0, start
+    for i, (length, n) in enumerate(stages):
+        if step < stage_start + n:
+            t = step - stage_start
+            if i > 0:
+                long_before += t // 4  # steps 3, 7, 11, ... of the stage are long
+                if t % 4 == 3:
+                    return True, length, long_before
+            return False, seq_len, step - long_before
+        if i > 0:
+            long_before += n // 4
+        stage_start += n
+    return False, seq_len, step - long_before
+
+
+def open_data_shard(path: Path, enc, seq_len: int):
+    """data.open_shard, plus a clear message for a shard too short for one row."""
+    shard = open_shard(path, enc)
+    if len(shard) <= seq_len:
+        raise ValueError(f"{path} has {len(shard)} tokens: too few for one row of {seq_len} + 1")
+    return shard
+
+
+def token_bytes(enc) -> torch.Tensor:
+    """UTF-8 bytes of every token; 0 for special tokens, which stand for no text."""
+    special = {enc.encode_single_token(token) for token in enc.special_tokens_set}
+    return torch.tensor([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+
+
+@torch.no_grad()
+def evaluate(model, enc, val, args, runtime, bytes_of) -> tuple[float, float]:
+    """Validation loss (nats/token) and bits per byte, loss * tokens / (ln 2 * bytes), on the same
+    --eval-batches batches of val.bin every time. The bytes are those of the predicted tokens' text, so bpb
+    compares models whatever their tokenizer."""
+    model.eval()
+    nats = n_tokens = n_bytes = 0.0
+    for i in range(args.eval_batches):
+        batch = {k: v.to(runtime.device) for k, v in
+                 shard_batch(enc, val, i, args.batch_size, args.seq_len, 0, runtime.rank, runtime.world_size).items()}
+        valid = batch["targets"] != IGNORE
+        with autocast(runtime):
+            loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
+        nats += loss.item() * valid.sum().item()
+        n_tokens += valid.sum().item()
+        n_bytes += bytes_of[batch["targets"][valid].cpu()].sum().item()
+    model.train()
+    nats, n_tokens, n_bytes = (all_reduce_sum(x, runtime) for x in (nats, n_tokens, n_bytes))
+    return nats / n_tokens, nats / (math.log(2) * n_bytes)
+
+
+def model_config(args, n_vocab: int | None) -> Config:
+    """The preset with the command line's overrides; the vocabulary is the tokenizer's."""
+    preset = PRESETS[args.model]
+    overrides = {"mup_base_dim": args.base_width}
+    if args.dim:
+        overrides |= {"dim": args.dim, "ffn_dim": preset.ffn_dim * args.dim // preset.dim}
+    if args.n_layers:
+        overrides["n_layers"] = args.n_layers
+    if n_vocab:
+        overrides["vocab_size"] = n_vocab
+    return replace(preset, **overrides)
+
+
+def activation_bytes(config: Config, tokens: int, dtype_bytes: int = 2) -> tuple[int, int]:
+    """Estimated bytes of the tensors autograd keeps for backward, for `tokens` tokens per GPU: (without
+    recomputation, with per-block activation checkpointing). Per block and token, in the matmul dtype unless
+    noted: the block input and its LayerNorm output (+ the fp32 upcast), the fused projection's output, RoPE'd
+    q and k (fp32), SDPA's q, k, v and output (flash attention keeps no T x T scores), silu(gate) and its
+    product with up, and out_proj's input. Plus the loss: fp32 gradients of the hidden states and the full
+    embedding (ChunkedCrossEntropy computes them in the forward pass)."""
+    attn, kv, ffn, dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim, config.dim
+    per_token = (dtype_bytes * (2 * dim + attn + 2 * kv + 2 * ffn + attn + 2 * kv + attn + 2 * ffn + attn + ffn)
+                 + 4 * (dim + attn + kv))
+    loss = 4 * tokens * dim + 4 * config.vocab_size * dim
+    full = config.n_layers * per_token * tokens + loss
+    recompute = config.n_layers * dtype_bytes * dim * tokens + per_token * tokens + loss
+    return full, recompute
+
+
+def dry_run(args):
+    """The per-GPU memory plan of a preset for each world size: fp32 parameters, gradients and AdamW state are
+    sharded over the FSDP axis (world / --replicate); the bf16 copies of two gathered blocks (one running,
+    one prefetched) and of the gathered embedding are not; activations are per GPU."""
+    config = model_config(args, None)
+    n_params, gib = config.num_params(), 2**30
+    block_params = (n_params - config.vocab_size * config.dim - config.dim) // config.n_layers
+    tokens = args.batch_size * args.seq_len * args.grad_accum
+    act_full, act_recompute = activation_bytes(config, args.batch_size * args.seq_len)
+    print(f"{args.model}: {n_params / 1e9:.2f}B parameters, {config.flops_per_token(args.seq_len) / 1e9:.1f} "
+          f"GFLOP/token (training, seq {args.seq_len}); per GPU: micro-batch {args.batch_size} x {args.seq_len}, "
+          f"{tokens} tokens per step; HSDP replicate {args.replicate}")
+    print(f"{'GPUs':>6}{'shard':>7}{'params':>9}{'grads':>9}{'AdamW':>9}{'gathered':>10}{'activ.':>9}"
+          f"{'total':>9}{'activ. --recompute':>20}{'total':>9}   (GiB)")
+    for world_size in (int(w) for w in args.dry_run.split(",")):
+        shard = world_size // args.replicate
+        params, grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
+        gathered = 2 * (2 * block_params + config.vocab_size * config.dim)
+        fixed = params + grads + adam + gathered
+        print(f"{world_size:6d}{shard:7d}{params / gib:9.1f}{grads / gib:9.1f}{adam / gib:9.1f}{gathered / gib:10.1f}"
+              f"{act_full / gib:9.1f}{(fixed + act_full) / gib:9.1f}{act_recompute / gib:20.1f}"
+              f"{(fixed + act_recompute) / gib:9.1f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    runtime = setup(args.device, args.replicate)
+
+    # data: the shards must exist and match the tokenizer (open_shard checks dtype, tokenizer and size)
+    data = Path(args.data)
+    enc = load_tokenizer(str(data / "tokenizer.json"))
+    names = ["corpus", "val"] + (["corpus_long"] if args.stages else [])
+    shards = {name: open_data_shard(data / f"{name}.bin", enc, args.seq_len) for name in names}
+    bytes_of = token_bytes(enc)
+
+    # model and optimizer; config.json records what the next stage needs
+    if args.init:
+        config = Config(**load_config(args.init)["model"])
+        if config.vocab_size != enc.n_vocab:
+            raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
+                             f"{data / 'tokenizer.json'} {enc.n_vocab}")
+    else:
+        config = model_config(args, enc.n_vocab)
+    out = Path(args.out)
+    if (out / "config.json").is_file() and Config(**load_config(out)["model"]) != config:  # every rank stops
+        raise ValueError(f"{out} holds a run of a different model; pick another --out to start afresh")
+    if runtime.is_main:
+        write_config(out, "pretrain", args.model, config, args, str(data / "tokenizer.json"), args.init)
+    model = build_model(config, runtime, args.init, args.seed, args.recompute)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    start = load_checkpoint(out, model, optimizer, runtime)
+
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * runtime.world_size
+    cooldown_start = args.steps - args.cooldown_steps
+    logger = Logger(out, runtime, start, args.steps, start * tokens_per_step, config.flops_per_token(args.seq_len))
+    for step in range(start, args.steps):
+        model.set_fp8(args.fp8_after is not None and args.fp8_after <= step < cooldown_start)
+        lr = lr_factor(step, args.steps, args.warmup, args.cooldown_steps, args.min_lr / args.lr,
+                       args.schedule == "cosine")
+        set_lr(optimizer, lr)
+        long, length, data_step = step_plan(step, args.steps, args.stages, args.seq_len)
+        shard, rows = shards["corpus_long" if long else "corpus"], args.batch_size * args.seq_len // length
+        batches = [shard_batch(enc, shard, data_step * args.grad_accum + micro, rows, length, args.seed,
+                               runtime.rank, runtime.world_size) for micro in range(args.grad_accum)]
+
+        # the loss is the mean over every target token of the step (all micro-batches, all ranks); FSDP
+        # averages gradients over ranks, hence the factor world_size
+        n_targets = all_reduce_sum(sum((b["targets"] != IGNORE).sum().item() for b in batches), runtime)
+        loss_sum = 0.0
+        for batch in batches:
+            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            n_local = (batch["targets"] != IGNORE).sum().item()
+            with autocast(runtime):
+                loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
+            (loss * n_local * runtime.world_size / n_targets).backward()
+            loss_sum += loss.item() * n_local
+        loss = all_reduce_sum(loss_sum, runtime) / n_targets
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped before the update. The last good "
+                                     f"checkpoint, {out / 'checkpoint.pt'}, is intact (lower --lr, or check the data)")
+        grad_norm = clip_grad_norm(model, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        logger.advance()
+        metrics = {}
+        if done % args.eval_every == 0 or done == args.steps:
+            metrics["val_loss"], metrics["val_bpb"] = evaluate(model, enc, shards["val"], args, runtime, bytes_of)
+        if done % args.log_every == 0 or done == args.steps or metrics:
+            logger.log(done, done * tokens_per_step, loss=loss, lr=lr * args.lr, grad_norm=grad_norm,
+                       seq_len=length, **metrics)
+        if done % args.save_every == 0 or done == args.steps:
+            save_checkpoint(out, model, optimizer, done, runtime)
+    save_model(out, model, runtime)
+    logger.close()
+    teardown(runtime)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""common.py: optimizer groups, artifacts that the next stage loads, atomic writes, metrics on resume.
+(Distribution, checkpoints across world sizes and the LR schedule are exercised through pretrain.py in
+test_pretrain.py.)"""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import common
+from model import Config, Transformer
+
+CONFIG = Config(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, window=8)
+
+
+def one_process() -> common.Runtime:
+    return common.setup("cpu")
+
+
+def test_setup_without_torchrun_needs_no_process_group():
+    runtime = one_process()
+    assert (runtime.rank, runtime.world_size, runtime.mesh, runtime.is_main) == (0, 1, None, True)
+    assert common.all_reduce_sum(2.5, runtime) == 2.5
+    common.teardown(runtime)
+
+
+def test_weight_decay_only_on_block_matrices_and_mup_scales_their_lr():
+    for base_dim, matrix_lr in ((None, 1e-3), (8, 1e-3 / 4)):
+        model = Transformer(Config(**{**CONFIG.__dict__, "mup_base_dim": base_dim}))
+        names = {id(p): n for n, p in model.named_parameters()}
+        matrices, others = common.make_optimizer(model, 1e-3, weight_decay=0.1).param_groups
+        assert sorted(names[id(p)].split(".")[-2] for p in matrices["params"]) == ["in_proj"] * 2 + ["out_proj"] * 2
+        assert {names[id(p)] for p in others["params"]} == {"embed.weight", "norm.weight", "blocks.0.norm.weight",
+                                                          "blocks.1.norm.weight"}
+        assert (matrices["weight_decay"], others["weight_decay"]) == (0.1, 0.0)
+        assert (matrices["lr"], others["lr"]) == pytest.approx((matrix_lr, 1e-3))
+
+
+def test_set_lr_scales_every_group_from_its_own_peak():
+    model = Transformer(Config(**{**CONFIG.__dict__, "mup_base_dim": 16}))
+    optimizer = common.make_optimizer(model, 1e-2, weight_decay=0.0)
+    common.set_lr(optimizer, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.5e-3, 5e-3])
+
+
+def test_saved_model_loads_back_with_its_config(tmp_path):
+    runtime = one_process()
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    common.save_model(tmp_path, model, runtime)
+    common.write_config(tmp_path, "pretrain", "tiny", CONFIG, argparse.Namespace(steps=3), "tok.json", None)
+    loaded, info = common.load_model(tmp_path)
+    assert loaded.config == CONFIG and info["tokenizer"] == "tok.json" and info["args"] == {"steps": 3}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    again, _ = common.load_model(tmp_path / "model.pt")
+    assert torch.equal(again.embed.weight, model.embed.weight)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        common.load_config(tmp_path / "elsewhere")
+
+
+def test_atomic_save_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    common.atomic_save({"step": 1}, tmp_path / "x.pt")
+
+    def crash(obj, path):
+        open(path, "wb").write(b"half")
+        raise OSError("killed")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        common.atomic_save({"step": 2}, tmp_path / "x.pt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "x.pt") == {"step": 1}
+
+
+def test_logger_on_resume_keeps_only_the_lines_up_to_the_checkpoint(tmp_path):
+    runtime = one_process()
+    logger = common.Logger(tmp_path, runtime, 0, 5)
+    for step in range(1, 6):
+        logger.log(step, 10 * step, loss=1.0 / step)
+    logger.close()
+    common.Logger(tmp_path, runtime, 3, 5).close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and lines[1]["tokens"] == 20
+    assert "tokens_per_s" in lines[1] and "mfu" not in lines[1]  # MFU only on GPU
