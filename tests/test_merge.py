@@ -1,0 +1,120 @@
+"""merge.py: linear merges (associative, identity on copies, equal to an in-memory merge), SLERP, streaming
+reads, and refusal of incompatible inputs."""
+
+import json
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from merge import LazyCheckpoint, main, merge, slerp
+from model import Config, Transformer
+
+CONFIG = Config(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=48, window=8)
+
+
+def save_model(directory, seed, config=CONFIG, tokenizer_text="tok-a"):
+    directory.mkdir(parents=True)
+    tokenizer = directory / "tokenizer.json"
+    tokenizer.write_text(tokenizer_text)
+    torch.manual_seed(seed)
+    torch.save(Transformer(config).state_dict(), directory / "model.pt")
+    info = {"stage": "test", "preset": "test", "model": config.__dict__, "tokenizer": str(tokenizer)}
+    (directory / "config.json").write_text(json.dumps(info))
+    return directory
+
+
+@pytest.fixture
+def experts(tmp_path):
+    return [save_model(tmp_path / f"expert{i}", seed=i) for i in range(3)]
+
+
+def load(path):
+    return torch.load(path / "model.pt", weights_only=True)
+
+
+def test_lazy_checkpoint_reads_every_tensor_exactly(tmp_path):
+    state = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(4, 6).t(), "d": torch.randn(10)[2:7],
+             "e": torch.randn(3).bfloat16()}
+    torch.save(state, tmp_path / "lazy.pt")
+    checkpoint = LazyCheckpoint(tmp_path / "lazy.pt")
+    for name, tensor in state.items():
+        assert checkpoint.shape(name) == tuple(tensor.shape)
+        assert checkpoint[name].dtype == tensor.dtype and torch.equal(checkpoint[name], tensor)
+
+
+def test_lazy_checkpoint_refuses_a_pickle_that_would_run_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"a": torch.zeros(1)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    root = next(iter(entries)).split("/")[0]
+    entries[f"{root}/data.pkl"] = pickle.dumps({"a": Exploit()})
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        LazyCheckpoint(path)
+
+
+def test_streaming_linear_merge_equals_an_in_memory_merge(experts):
+    weights = [0.5, 0.3, 0.2]
+    merged, _ = merge(experts, weights)
+    states = [load(p) for p in experts]
+    for name in states[0]:
+        expected = sum(w * s[name] for w, s in zip(weights, states))
+        assert torch.allclose(merged[name], expected, atol=1e-7)
+
+
+def test_uniform_merge_of_identical_checkpoints_is_the_identity(tmp_path):
+    copies = [save_model(tmp_path / f"copy{i}", seed=7) for i in range(3)]
+    merged, _ = merge(copies)
+    for name, tensor in load(copies[0]).items():
+        assert torch.allclose(merged[name], tensor, atol=1e-7)
+
+
+def test_linear_merges_are_associative(experts, tmp_path):
+    main(["--out", str(tmp_path / "ab"), "--models", str(experts[0]), str(experts[1])])
+    nested, _ = merge([tmp_path / "ab", experts[2]], [2 / 3, 1 / 3])
+    flat, _ = merge(experts)
+    for name in flat:
+        assert torch.allclose(nested[name], flat[name], atol=1e-6)
+    written = json.loads((tmp_path / "ab" / "config.json").read_text())
+    assert written["stage"] == "merge" and written["parent"] == [str(experts[0]), str(experts[1])]
+
+
+def test_weights_must_sum_to_one_unless_normalized(experts):
+    with pytest.raises(ValueError, match="sum to 1.5"):
+        merge(experts, [0.5, 0.5, 0.5])
+    normalized, _ = merge(experts, [1.0, 1.0, 1.0], normalize=True)
+    uniform, _ = merge(experts)
+    assert all(torch.allclose(normalized[n], uniform[n]) for n in uniform)
+
+
+def test_mismatched_inputs_are_refused_naming_the_difference(experts, tmp_path):
+    deeper = save_model(tmp_path / "deeper", seed=0, config=Config(**{**CONFIG.__dict__, "n_layers": 4}))
+    with pytest.raises(ValueError, match="n_layers = 4"):
+        merge([experts[0], deeper])
+    other_tokenizer = save_model(tmp_path / "other_tok", seed=0, tokenizer_text="tok-b")
+    with pytest.raises(ValueError, match="tokenizer"):
+        merge([experts[0], other_tokenizer])
+    reshaped = save_model(tmp_path / "reshaped", seed=0)
+    state = load(reshaped)
+    state["blocks.1.out_proj.weight"] = torch.zeros(32, 7)
+    torch.save(state, reshaped / "model.pt")
+    with pytest.raises(ValueError, match=r"blocks\.1\.out_proj\.weight has shape \(32, 7\)"):
+        merge([experts[0], reshaped])
+
+
+def test_slerp_follows_the_great_circle_and_keeps_the_norm():
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    assert torch.allclose(slerp(0.0, a, b), a) and torch.allclose(slerp(1.0, a, b), b)
+    middle = slerp(0.5, a, b)
+    assert torch.allclose(middle, torch.tensor([2 ** 0.5, 2 ** 0.5]))  # norm 2, where lerp would give 1.41
+    assert torch.allclose(slerp(0.3, a, 3 * a), 0.7 * a + 0.9 * a)  # parallel: plain interpolation
