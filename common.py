@@ -167,6 +167,19 @@ def load_model(path, device="cpu") -> tuple[Transformer, dict]:
     return model, info
 
 
+def whole_model(model: Transformer, path, runtime: Runtime) -> Transformer:
+    """The model itself in one process; under FSDP a whole copy loaded from `path` (generation needs it)."""
+    return model if runtime.mesh is None else load_model(path, runtime.device)[0]
+
+
+def l2_to_init(params, init_params, weight: float) -> torch.Tensor:
+    """λ‖θ − θ₀‖² (§3.2.1, and §3.5's L2 to the reference policy), summed over every parameter. Under FSDP each
+    process sums its own shards (the penalty is the sum over processes) and gets exactly its shards' gradient
+    2λ(θ − θ₀)."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
+    return weight * sum(((local(p) - local(p0)) ** 2).sum() for p, p0 in zip(params, init_params))
+
+
 # -----------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 

@@ -425,9 +425,20 @@ def open_shard(path, enc: tiktoken.Encoding) -> np.memmap:
     return np.memmap(path, dtype=needed, mode="r")
 
 
-@lru_cache(maxsize=2)
-def _window_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+@lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded order in which epoch `epoch` visits n items (shard windows, or records)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def record_indices(n: int, step: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Indices of the n records in batch `step` of this rank: each epoch visits them in a fresh seeded order and
+    the ranks take consecutive slices. A pure function of its arguments, so resuming at a step is exact."""
+    indices = []
+    for i in range(batch_size):
+        epoch, index = divmod((step * world_size + rank) * batch_size + i, n)
+        indices.append(int(epoch_order(seed, epoch, n)[index]))
+    return indices
 
 
 def shard_batch(enc: tiktoken.Encoding, shard: np.ndarray, step: int, batch_size: int, seq_len: int,
@@ -446,7 +457,7 @@ def shard_batch(enc: tiktoken.Encoding, shard: np.ndarray, step: int, batch_size
     rows = []
     for row in range(batch_size):
         epoch, index = divmod((step * world_size + rank) * batch_size + row, n_windows)
-        start = int(_window_order(seed, epoch, n_windows)[index]) * seq_len
+        start = int(epoch_order(seed, epoch, n_windows)[index]) * seq_len
         rows.append(shard[start:start + seq_len + 1])
     window = torch.from_numpy(np.stack(rows).astype(np.int64))
     tokens, targets = window[:, :-1], window[:, 1:].clone()

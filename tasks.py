@@ -225,8 +225,10 @@ def detect_language(text: str) -> str:
 def follows(reply: str, instruction: dict) -> bool:
     """One IFEval-style check; instruction = {"kind": one of INSTRUCTIONS, and its "n", "word" or "language"}."""
     kind = instruction["kind"]
+    if not reply.strip():  # saying nothing follows no instruction (else an empty reply avoids every forbidden word)
+        return False
     if kind in ("upper", "lower"):
-        return bool(reply.strip()) and reply == (reply.upper() if kind == "upper" else reply.lower())
+        return reply == (reply.upper() if kind == "upper" else reply.lower())
     if kind == "json":
         try:
             value = json.loads(reply)
@@ -234,7 +236,7 @@ def follows(reply: str, instruction: dict) -> bool:
             return False
         return isinstance(value, dict) and "answer" in value
     if kind == "max_words":
-        return 0 < len(reply.split()) <= instruction["n"]
+        return len(reply.split()) <= instruction["n"]
     if kind == "forbidden":
         return instruction["word"].lower() not in words(reply)
     if kind == "language":

@@ -1,12 +1,23 @@
-"""copg.copg_loss: a hand-worked value, its identities with RLOO and IPO, and its optimum on a tabular problem."""
+"""copg.py: copg_loss on a hand-worked value, its identities with RLOO and IPO, and its optimum on a tabular
+problem; verifier rewards; end-to-end runs offline and online (verifier, replay, L2 and SFT regularisers)."""
 
+import argparse
 import itertools
+import json
+import math
 
 import pytest
 import torch
 
+import common
+import copg
+import tasks
 from copg import copg_loss
+from data import load_tokenizer, read_jsonl, render_completion, save_tokenizer, train_bpe
+from model import Config, Transformer
 from prefopt import preference_loss
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast
 
 
 def test_copg_loss_on_hand_worked_numbers():
@@ -85,3 +96,94 @@ def test_offline_copg_on_a_tabular_problem_reaches_the_kl_regularised_optimum():
 def test_copg_needs_at_least_two_completions_per_prompt():
     with pytest.raises(ValueError, match="k >= 2"):
         copg_loss(torch.zeros(3, 1), torch.zeros(3, 1), torch.zeros(3, 1), 0.1)
+
+
+# -----------------------------------------------------------------------------
+# The stage script
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A twentieth of the tiny world and a 600-token BPE."""
+    folder = tmp_path_factory.mktemp("world")
+    tasks.build(folder, seed=0, scale=0.05)
+    texts = [record["text"] for record in read_jsonl(folder / "corpus.jsonl", "text")]
+    save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parent(world, tmp_path_factory):
+    """A fresh dim-64 model saved as an earlier stage's --out (model.pt + config.json)."""
+    folder = tmp_path_factory.mktemp("parent")
+    config = Config(vocab_size=load_tokenizer(str(world / "tokenizer.json")).n_vocab, **SMALL)
+    torch.manual_seed(0)
+    torch.save(Transformer(config).state_dict(), folder / "model.pt")
+    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
+    return folder
+
+
+def test_verifier_rewards_grade_the_parsed_reply(world):
+    enc = load_tokenizer(str(world / "tokenizer.json"))
+    record = read_jsonl(world / "rl" / "math.jsonl", "prompt")[0]
+    right, wrong = (render_completion(enc, record["messages"], f"Answer: {answer}")[1]
+                    for answer in (record["check"]["answer"], record["check"]["answer"] + 1))
+    rewards = copg.verifier_rewards(enc, [record, record], [right, wrong, wrong, right], k=2)
+    assert rewards.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def run(world, parent, out, *extra):
+    copg.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--steps", "2", "--batch-size", "2",
+               "--log-every", "1", "--eval-batch-size", "4", "--device", "cpu", *extra])
+    for name in ("model.pt", "config.json", "checkpoint.pt"):
+        assert (out / name).is_file()
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_offline_copg_runs_end_to_end_on_scored_groups(world, parent, tmp_path):
+    lines = run(world, parent, tmp_path / "run", "--capability", "code", "--mode", "offline", "--sft-weight", "0.5")
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2]
+    assert all(math.isfinite(line["loss"]) and line["sft_loss"] > 0 for line in steps)
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is the reference before its first step
+    assert (tmp_path / "run" / "ref_logps.pt").is_file()
+    assert any("eval_pass@1" in line for line in lines)
+
+
+def test_online_copg_with_the_verifier_replay_and_regularisers_runs_end_to_end(world, parent, tmp_path):
+    lines = run(world, parent, tmp_path / "run", "--capability", "math", "--mode", "online", "--k", "2",
+                "--max-new-tokens", "8", "--replay-size", "4", "--replay-batch", "1", "--l2-ref", "1e-3",
+                "--sft-weight", "0.5")
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # fresh samples, reference = policy at step 1
+    assert steps[0]["l2"] == 0.0 and steps[1]["l2"] > 0.0  # the weights moved away from the reference
+    assert [line["replay"] for line in steps] == [2, 4]
+    assert all(line["samples_per_s"] > 0 and 0.0 <= line["reward"] <= 1.0 for line in steps)
+    assert any("eval_accuracy" in line for line in lines)
+
+
+def test_a_restarted_online_run_resumes_exactly(world, parent, tmp_path):
+    """Sampling is seeded by the step, so two steps, then a restart to four, equal four steps straight."""
+    common_args = ["--capability", "math", "--mode", "online", "--k", "2", "--max-new-tokens", "6", "--lr", "1e-3",
+                   "--data", str(world), "--init", str(parent), "--batch-size", "2", "--eval-batch-size", "4",
+                   "--device", "cpu"]
+    copg.main([*common_args, "--out", str(tmp_path / "straight"), "--steps", "4"])
+    copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "2"])
+    copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "4"])
+    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_online_copg_with_reward_model_rewards_runs(world, parent, tmp_path):
+    """--reward rm:PATH scores samples with reward.py's model (here: the parent's trunk and a random head)."""
+    reward_folder = tmp_path / "reward"
+    reward_folder.mkdir()
+    for name in ("model.pt", "config.json"):
+        (reward_folder / name).write_bytes((parent / name).read_bytes())
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(SMALL["dim"], 1, bias=False).state_dict(), reward_folder / "head.pt")
+    lines = run(world, parent, tmp_path / "run", "--capability", "instruct", "--k", "2", "--max-new-tokens", "6",
+                "--reward", f"rm:{reward_folder}")
+    rewards = [line["reward"] for line in lines if "loss" in line]
+    assert len(rewards) == 2 and all(math.isfinite(r) and r != 0.0 for r in rewards)

@@ -1,11 +1,21 @@
-"""prefopt.preference_loss against hand-worked numbers, TRL's formulas re-derived, and SRPO's analytic optimum."""
+"""prefopt.py: preference_loss against hand-worked numbers, TRL's formulas re-derived, and SRPO's analytic optimum;
+the revision prompt, the reference log-prob cache (fresh = cached, stale = recomputed), self-refinement, and
+end-to-end runs of every loss on a small synthetic world."""
 
+import argparse
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
+import prefopt
+import tasks
+from data import (END_OF_TURN, chat_stop_tokens, load_tokenizer, read_jsonl, render_completion, render_prompt,
+                  save_tokenizer, train_bpe)
+from model import Config, Transformer, generate
 from prefopt import preference_loss
 
 
@@ -121,3 +131,165 @@ def test_srpo_recovers_its_analytic_optimum_on_a_tabular_problem():
         for b in (w, l):
             assert (log_revision[w, b] - log_revision[l, b]).item() == pytest.approx(
                 (optimal_revision[w, b] - optimal_revision[l, b]).item(), abs=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# The stage script: revision prompt, reference cache, self-refinement, end-to-end runs
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A twentieth of the tiny world and a 600-token BPE."""
+    folder = tmp_path_factory.mktemp("world")
+    tasks.build(folder, seed=0, scale=0.05)
+    texts = [record["text"] for record in read_jsonl(folder / "corpus.jsonl", "text")]
+    save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def enc(world):
+    return load_tokenizer(str(world / "tokenizer.json"))
+
+
+def save_parent(folder, enc, world, seed=0):
+    """A fresh dim-64 model saved as an earlier stage's --out (model.pt + config.json)."""
+    config = Config(vocab_size=enc.n_vocab, **SMALL)
+    torch.manual_seed(seed)
+    torch.save(Transformer(config).state_dict(), folder / "model.pt")
+    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parent(world, enc, tmp_path_factory):
+    return save_parent(tmp_path_factory.mktemp("parent"), enc, world)
+
+
+def test_revision_prompt_is_the_conversation_with_the_draft_and_a_revision_request(enc):
+    messages = [{"role": "user", "content": "Who leads Verun Metals?"}]
+    expected = render_prompt(enc, messages + [{"role": "chatbot", "content": "Nobody."},
+                                              {"role": "user", "content": prefopt.REVISION_REQUEST}])
+    assert prefopt.revision_prompt(enc, messages, "Nobody.") == expected
+    sampled = render_completion(enc, messages, "Nobody.")[1]  # a draft as generate returns it (END_OF_TURN kept)
+    assert prefopt.revision_prompt(enc, messages, sampled) == expected
+    assert prefopt.revision_prompt(enc, messages, sampled[:-1]) == expected  # a cut-off draft closes its turn
+    assert sampled[-1] == enc.encode_single_token(END_OF_TURN)
+
+
+def test_srpo_pair_sequences_follow_srpo_revisions_order(enc):
+    record = {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Good.", "rejected": "Bad.", "label": 1.0}
+    sequences = prefopt.pair_sequences(enc, record, srpo=True)
+    assert len(sequences) == 2 + len(prefopt.SRPO_REVISIONS)
+    for (ids, mask), names in zip(sequences[2:], prefopt.SRPO_REVISIONS):
+        revised, shown = names.split("|")
+        prompt = prefopt.revision_prompt(enc, record["messages"], record[shown])
+        completion = render_completion(enc, record["messages"], record[revised])[1]
+        assert ids == prompt + completion and mask == [0] * len(prompt) + [1] * len(completion)
+    assert len(prefopt.pair_sequences(enc, record, srpo=False)) == 2
+
+
+def one_at_a_time(model, enc, sequences, average):
+    """Reference log-probs computed independently: one sequence per forward pass."""
+    runtime = common.setup("cpu")
+    values = []
+    for sequence in sequences:
+        sums, counts = prefopt.packed_logps(model, enc, [sequence], 256, runtime)
+        values.append((sums / counts if average else sums).item())
+    return torch.tensor(values)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_cached_reference_logps_equal_fresh_ones(world, enc, parent, tmp_path, average):
+    model, runtime = common.load_model(parent)[0], common.setup("cpu")
+    records = read_jsonl(world / "pref" / "instruct.jsonl", "pair")[:4]
+    sequences = [s for r in records for s in prefopt.pair_sequences(enc, r, srpo=True)]
+    cache = tmp_path / "ref_logps.pt"
+    computed = prefopt.reference_logps(model, enc, sequences, str(parent), average, cache, runtime, 256, batch_size=7)
+    with torch.no_grad():
+        assert torch.allclose(computed, one_at_a_time(model, enc, sequences, average), atol=1e-4)
+    mtime = cache.stat().st_mtime_ns
+    assert torch.equal(prefopt.reference_logps(model, enc, sequences, str(parent), average, cache, runtime, 256),
+                       computed)
+    assert cache.stat().st_mtime_ns == mtime  # read back, not recomputed
+
+
+def test_a_stale_reference_cache_is_recomputed_not_reused(world, enc, parent, tmp_path, capsys):
+    model, runtime = common.load_model(parent)[0], common.setup("cpu")
+    records = read_jsonl(world / "pref" / "instruct.jsonl", "pair")
+    first = [s for r in records[:3] for s in prefopt.pair_sequences(enc, r, srpo=False)]
+    other_data = [s for r in records[3:6] for s in prefopt.pair_sequences(enc, r, srpo=False)]
+    cache = tmp_path / "ref_logps.pt"
+    stale = prefopt.reference_logps(model, enc, first, str(parent), False, cache, runtime, 256)
+    with torch.no_grad():
+        fresh = one_at_a_time(model, enc, other_data, False)
+    # other data, same number of sequences: the cache's values must not come back
+    assert torch.allclose(prefopt.reference_logps(model, enc, other_data, str(parent), False, cache, runtime, 256),
+                          fresh, atol=1e-4)
+    assert not torch.allclose(fresh, stale, atol=1e-4)
+    assert "recomputing" in capsys.readouterr().out
+    # other init weights: a different key, so recomputed by the (new) model
+    (tmp_path / "other").mkdir()
+    other_parent = save_parent(tmp_path / "other", enc, world, seed=1)
+    other_model = common.load_model(other_parent)[0]
+    with torch.no_grad():
+        expected = one_at_a_time(other_model, enc, other_data, False)
+    assert torch.allclose(prefopt.reference_logps(other_model, enc, other_data, str(other_parent), False, cache,
+                                                  runtime, 256), expected, atol=1e-4)
+    assert "recomputing" in capsys.readouterr().out
+    # the same data and init with another setting (per-token averaging): recomputed as well
+    prefopt.reference_logps(other_model, enc, other_data, str(other_parent), True, cache, runtime, 256)
+    assert "recomputing" in capsys.readouterr().out
+
+
+def test_refine_returns_the_draft_and_each_revision(world, enc, parent):
+    model = common.load_model(parent)[0]
+    conversations = [r["messages"] for r in read_jsonl(world / "eval" / "instruct.jsonl", "prompt")][:2]
+    completions = prefopt.refine_batch(model, enc, conversations, n_revisions=2, max_new_tokens=6)
+    assert [len(c) for c in completions] == [3, 3]
+    assert all(1 <= len(ids) <= 6 for c in completions for ids in c)
+    # greedy: the first draft is what plain generation writes, each revision what generation writes after
+    # the revision prompt showing the previous draft, and one conversation alone gets the same
+    drafts = generate(model, [render_prompt(enc, m) for m in conversations], 6, 0.0, stop_tokens=chat_stop_tokens(enc))
+    assert [c[0] for c in completions] == drafts
+    revisions = generate(model, [prefopt.revision_prompt(enc, m, d) for m, d in zip(conversations, drafts)], 6, 0.0,
+                         stop_tokens=chat_stop_tokens(enc))
+    assert [c[1] for c in completions] == revisions
+    assert prefopt.refine(model, enc, conversations[0], 2, 6) == completions[0]
+
+
+@pytest.mark.parametrize("loss,capability,extra", [
+    ("dpo", "multilingual", []),                       # + SFT on sft/multilingual (the recipe)
+    ("ipo", "safety", ["--length-average"]),           # + SFT on sft/safety (the recipe)
+    ("slic", "code", ["--sft-weight", "0.5"]),         # + SFT on the chosen completions
+    ("srpo", "instruct", ["--eval-revisions", "1"]),   # + evaluation after one self-refinement
+])
+def test_prefopt_runs_end_to_end(world, parent, tmp_path, loss, capability, extra):
+    out = tmp_path / "run"
+    prefopt.main(["--capability", capability, "--init", str(parent), "--data", str(world), "--out", str(out),
+                  "--loss", loss, "--steps", "2", "--batch-size", "2", "--log-every", "1", "--eval-batch-size", "4",
+                  "--device", "cpu", *extra])
+    for name in ("model.pt", "config.json", "checkpoint.pt", "ref_logps.pt"):
+        assert (out / name).is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2]
+    assert all(math.isfinite(line["loss"]) for line in lines if "loss" in line)
+    assert any("eval_reward" in line for line in lines)
+    if loss == "srpo":
+        assert any("eval_revisions_1_reward" in line for line in lines)
+    assert json.loads((out / "config.json").read_text())["args"]["loss"] == loss
+
+
+def test_a_restarted_run_resumes_exactly(world, parent, tmp_path):
+    """Two steps, then a restart to four (a constant LR, so the first run's schedule is the second's), equals
+    four steps straight."""
+    common_args = ["--capability", "instruct", "--loss", "srpo", "--init", str(parent), "--data", str(world),
+                   "--batch-size", "2", "--lr", "1e-3", "--min-lr", "1e-3", "--warmup", "0", "--eval-batch-size", "4",
+                   "--device", "cpu"]
+    prefopt.main([*common_args, "--out", str(tmp_path / "straight"), "--steps", "4"])
+    prefopt.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "2"])
+    prefopt.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "4"])
+    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)

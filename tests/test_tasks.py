@@ -145,6 +145,12 @@ def test_each_instruction_check_accepts_compliance_and_rejects_violation():
         tasks.follows("x", {"kind": "bold"})
 
 
+def test_an_empty_reply_follows_no_instruction():
+    for instruction in ({"kind": "upper"}, {"kind": "lower"}, {"kind": "max_words", "n": 5},
+                        {"kind": "forbidden", "word": "based"}, {"kind": "language", "language": "en"}):
+        assert not tasks.follows("  ", instruction), instruction
+
+
 def test_prompt_level_needs_every_instruction_while_instruction_level_counts_each():
     record = {"task": "instructions", "check": {"instructions": [{"kind": "upper"}, {"kind": "max_words", "n": 2}]}}
     assert tasks.grade(record, "IN VARNHOLT.") == {"prompt_level": 1.0, "instruction_level": 1.0, "reward": 1.0,

@@ -1,0 +1,159 @@
+"""sft.py: loss only on chatbot tokens, packing changes nothing, the L2-to-init term, best-of-N's pick, the data
+order, and end-to-end runs (resume, regularisers, evaluation) on a small synthetic world."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import sft
+import tasks
+from data import IGNORE, load_tokenizer, read_jsonl, record_indices, render, save_tokenizer, sft_batch, train_bpe, write_shard
+from model import Config, Transformer
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A twentieth of the tiny world (sft/, pref/, eval/), a 600-token BPE and its corpus shard."""
+    folder = tmp_path_factory.mktemp("world")
+    tasks.build(folder, seed=0, scale=0.05)
+    texts = [record["text"] for record in read_jsonl(folder / "corpus.jsonl", "text")]
+    save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
+    write_shard(load_tokenizer(str(folder / "tokenizer.json")), texts, folder / "corpus.bin")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def enc(world):
+    return load_tokenizer(str(world / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def parent(world, enc, tmp_path_factory):
+    """A fresh dim-64 model saved as an earlier stage's --out (model.pt + config.json)."""
+    folder = tmp_path_factory.mktemp("parent")
+    config = Config(vocab_size=enc.n_vocab, **SMALL)
+    torch.manual_seed(0)
+    torch.save(Transformer(config).state_dict(), folder / "model.pt")
+    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(parent):
+    return common.load_model(parent)[0]
+
+
+def conversations(world, n=6):
+    return read_jsonl(world / "sft" / "instruct.jsonl", "sft")[:n] + read_jsonl(world / "sft" / "rag.jsonl", "sft")[:2]
+
+
+def test_only_chatbot_tokens_carry_loss(world, enc, model):
+    record = {"messages": [{"role": "system", "content": "Answer in upper case."},
+                           {"role": "user", "content": "Who leads Verun Metals?"},
+                           {"role": "chatbot", "content": "NESKAFEN TELLU."}]}
+    ids, mask = render(enc, record["messages"])
+    batch = sft_batch(enc, [record], 64)
+    scored = (batch["targets"][0] != IGNORE).nonzero().squeeze(1).tolist()
+    # position t predicts token t + 1: exactly the tokens the chatbot writes (its reply through END_OF_TURN)
+    assert [t + 1 for t in scored] == [i for i, m in enumerate(mask) if m]
+    assert enc.decode([ids[t + 1] for t in scored]).count("NESKAFEN TELLU.") == 1
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0]
+        by_hand = -torch.stack([F.log_softmax(logits[t], -1)[ids[t + 1]] for t in scored]).mean()
+        loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_packed_and_unpacked_batches_give_the_same_sft_loss(world, enc, model):
+    records = conversations(world)
+    packed = sft_batch(enc, records, 512)
+    assert packed["tokens"].shape[0] < len(records)  # several conversations share a row
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for record in records:
+            alone = sft_batch(enc, [record], len(render(enc, record["messages"])[0]))
+            n = (alone["targets"] != IGNORE).sum().item()
+            total += model.loss(alone["tokens"], alone["targets"], alone["doc_ids"], alone["positions"]).item() * n
+            count += n
+        loss = model.loss(packed["tokens"], packed["targets"], packed["doc_ids"], packed["positions"]).item()
+    assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_l2_to_init_and_its_gradient_on_hand_worked_numbers():
+    params = [torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([[3.0]], requires_grad=True)]
+    init = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]
+    penalty = common.l2_to_init(params, init, 0.5)
+    assert penalty.item() == pytest.approx(0.5 * (1 + 4 + 4))
+    penalty.backward()
+    assert params[0].grad.tolist() == [1.0, 2.0] and params[1].grad.tolist() == [[2.0]]  # 2λ(θ − θ₀)
+
+
+def test_best_of_n_trains_on_the_highest_scored_sample(world, enc, model):
+    prompts = [sft.prompt_of(record) for record in conversations(world, 3)]
+    seen = []
+
+    def score_fn(messages, completions):
+        scores = torch.rand(len(completions), generator=torch.Generator().manual_seed(len(seen))).tolist()
+        seen.append((completions, scores))
+        return scores
+
+    sequences, best_scores = sft.best_of_n(model, enc, prompts, 4, score_fn, 12, 1.0, 1.0,
+                                           torch.Generator().manual_seed(0), batch_size=2)
+    assert len(sequences) == len(seen) == len(prompts)
+    for (ids, mask), (completions, scores), best in zip(sequences, seen, best_scores):
+        winner = max(range(4), key=lambda j: scores[j])
+        assert best == scores[winner] == max(scores)
+        assert ids[len(ids) - sum(mask):] == completions[winner]  # the loss is on the winner's tokens only
+
+
+def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spaced():
+    epoch = [i for step in range(5) for i in record_indices(20, step, 4, seed=1)]
+    assert sorted(epoch) == list(range(20))
+    ranks = [set(record_indices(20, 0, 4, 1, rank, 2)) for rank in range(2)]
+    assert not ranks[0] & ranks[1]
+    assert [s for s in range(12) if sft.is_pretrain_step(s, 0.25)] == [3, 7, 11]
+
+
+def test_experts_get_a_small_share_of_the_other_capabilities(world):
+    records = sft.training_conversations(world, "code", 0.1, seed=0)
+    own = len(read_jsonl(world / "sft" / "code.jsonl", "sft"))
+    others = [r["capability"] for r in records[own:]]
+    assert len(others) == 6 * round(0.1 * own / 6) and len(set(others)) == 6 and "code" not in others
+
+
+def run(world, parent, out, *flags):
+    sft.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--batch-size", "4", "--seq-len",
+              "256", "--warmup", "1", "--log-every", "1", "--save-every", "2", *flags])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_runs_resumes_exactly_and_evaluates(world, parent, tmp_path, capsys):
+    flags = ["--capability", "math", "--l2-init", "0.01", "--pretrain-mix", "0.25"]
+    straight = run(world, parent, tmp_path / "a", "--steps", "4", *flags)
+    run(world, parent, tmp_path / "b", "--steps", "2", *flags)
+    (tmp_path / "b" / "model.pt").unlink()
+    resumed = run(world, parent, tmp_path / "b", "--steps", "4", *flags)
+    assert [m["loss"] for m in straight if "loss" in m] == pytest.approx([m["loss"] for m in resumed if "loss" in m])
+    assert [m["pretrain"] for m in straight if "loss" in m] == [False, False, False, True]
+    l2 = [m["l2"] for m in straight if "loss" in m]
+    assert l2[0] == 0 and all(value > 0 for value in l2[1:])  # θ = θ₀ until the first update
+    assert 0 <= straight[-1]["eval_format"] <= 1 and "eval_accuracy" in straight[-1]
+    assert "eval math: accuracy" in capsys.readouterr().out
+    info = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert info["stage"] == "sft" and info["parent"] == str(parent)
+    common.load_model(tmp_path / "a")  # the next stage's --init
+
+
+def test_mismatched_tokenizer_is_refused_naming_both(world, parent, tmp_path):
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "tokenizer.json").write_text((world / "tokenizer.json").read_text())
+    save_tokenizer(other / "tokenizer.json", train_bpe(["a b c d e f"] * 3, vocab_size=300))
+    with pytest.raises(ValueError, match="vocabulary"):
+        sft.main(["--data", str(other), "--init", str(parent), "--out", str(tmp_path / "out")])
