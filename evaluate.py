@@ -126,9 +126,14 @@ def win_rate(reward_model, enc, records: list[dict], replies: list[dict], refere
     """Share of prompts on which the reward model scores our reply above the reference's (ties count half)."""
     from reward import score
 
-    ours = score(reward_model, enc, records, [reply_text(r) for r in replies])
-    theirs = score(reward_model, enc, records, [reply_text(r) for r in reference_replies])
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
+    wins = 0.0
+    for record, ours, theirs in zip(records, replies, reference_replies):
+        if reply_text(ours) == reply_text(theirs):  # a tie, whatever rounding the packed scoring adds
+            wins += 0.5
+            continue
+        ours_reward, theirs_reward = score(reward_model, enc, record["messages"], [reply_text(ours), reply_text(theirs)])
+        wins += 1.0 if ours_reward > theirs_reward else 0.5 if ours_reward == theirs_reward else 0.0
+    return wins / len(records)
 
 
 def humaneval(model, enc, max_new_tokens: int = 256, limit: int | None = None) -> float | None:
@@ -212,14 +217,14 @@ def main(argv=None):
 
         reward_model = load_reward_model(args.reward_model)
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")
-        result["rm_accuracy"] = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
+        result["rm_accuracy"], _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
         print(f"reward model accuracy on eval/rm_pairs.jsonl: {result['rm_accuracy']:.3f}")
         if args.reference:
             reference, _ = load_model(args.reference)
             records = read_jsonl(data / "eval" / "instruct.jsonl", "prompt")[:args.limit]
             ours, _ = generate_replies(model, enc, records, EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
             theirs, _ = generate_replies(reference, enc, records, EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
-            result["win_rate"] = win_rate(reward_model, enc, [r["messages"] for r in records], ours, theirs)
+            result["win_rate"] = win_rate(reward_model, enc, records, ours, theirs)
             print(f"win rate against {args.reference} (reward model, instruct prompts): {result['win_rate']:.3f}")
     if args.humaneval:
         result["humaneval_pass@1"] = humaneval(model, enc, limit=args.limit)

@@ -9,8 +9,8 @@ token (the END_OF_TURN that closes the reply): r = head(h_last). For a pair with
 - Two stages, because reward models memorise and collapse on a second epoch (§3.2.3): stage 1, one epoch of
   a large, noisier set (DATA/pref/rm_stage1.jsonl: labels shrunk toward 0.5, 15 % flipped) with a cosine LR;
   stage 2, a small clean set (rm_stage2.jsonl) with a smaller batch and a lower peak LR. The report: batch
-  1024 at 4e-5, then 16 at 3e-6; here 32 pairs at 4.8e-4, then 8 at 3.6e-5 (the report's LRs x 12, the
-  ratio of the tiny preset's pretraining LR to the report's, as in sft.py; both ratios kept).
+  1024 at 4e-5, then 16 at 3e-6; here 32 pairs at 1.92e-3, then 8 at 1.44e-4 (the report's LRs x 48,
+  sft.LR_SCALE; both ratios kept; at x 12 the held-out accuracy was 80-82 %, at x 48 86.5 %).
 - Packing: several pairs share a row (data.pair_batch: sequence 2i = prompt + chosen, 2i + 1 = prompt +
   rejected), with document masking, so no sequence attends to another, and positions restart at 0 for each.
   The report left-pads pairs to align their <EOS_TOKEN> and fills rows to ~75 % with as uniform a number of
@@ -59,10 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-pairs", default="eval/rm_pairs.jsonl", help="held-out pairs, in DATA")
     parser.add_argument("--out", default="runs/tiny/reward")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 1 pairs per step and process")
-    parser.add_argument("--lr", type=float, default=4.8e-4, help="stage 1 peak LR (cosine to --min-lr-ratio x)")
+    parser.add_argument("--lr", type=float, default=1.92e-3, help="stage 1 peak LR (cosine to --min-lr-ratio x)")
     parser.add_argument("--stage1-epochs", type=float, default=1.0)
     parser.add_argument("--stage2-batch-size", type=int, default=8)
-    parser.add_argument("--stage2-lr", type=float, default=3.6e-5)
+    parser.add_argument("--stage2-lr", type=float, default=1.44e-4)
     parser.add_argument("--stage2-epochs", type=float, default=1.0)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="end of each stage's cosine / its peak")
     parser.add_argument("--warmup", type=int, default=10, help="warmup steps of each stage")
