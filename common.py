@@ -33,6 +33,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from data import load_tokenizer
 from model import Config, Transformer
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
@@ -165,6 +166,25 @@ def load_model(path, device="cpu") -> tuple[Transformer, dict]:
     state_dict = torch.load(model_path(path), map_location=device, mmap=True, weights_only=True)
     model.load_state_dict(state_dict, assign=True)
     return model, info
+
+
+def open_stage(stage: str, args) -> tuple[Runtime, object, dict, Config]:
+    """How every post-training stage starts: the runtime, the tokenizer of --data, the --init model's config.json
+    and Config (whose vocabulary must be the tokenizer's), and OUT/config.json written, refusing an --out that
+    holds a run of a different model (checked on every rank, so that all of them stop)."""
+    runtime = setup(args.device)
+    data, out = Path(args.data), Path(args.out)
+    enc = load_tokenizer(str(data / "tokenizer.json"))
+    parent = load_config(args.init)
+    config = Config(**parent["model"])
+    if config.vocab_size != enc.n_vocab:
+        raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
+                         f"{data / 'tokenizer.json'} {enc.n_vocab}")
+    if (out / "config.json").is_file() and Config(**load_config(out)["model"]) != config:
+        raise ValueError(f"{out} holds a run of a different model; pick another --out to start afresh")
+    if runtime.is_main:
+        write_config(out, stage, parent["preset"], config, args, str(data / "tokenizer.json"), args.init)
+    return runtime, enc, parent, config
 
 
 def whole_model(model: Transformer, path, runtime: Runtime) -> Transformer:

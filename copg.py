@@ -62,11 +62,10 @@ from pathlib import Path
 import torch
 
 from common import (Logger, all_reduce_sum, autocast, build_model, clip_grad_norm, l2_to_init, load_checkpoint,
-                    load_config, lr_factor, make_optimizer, save_checkpoint, save_model, set_lr, setup, teardown,
-                    whole_model, write_config)
-from data import (chat_stop_tokens, load_tokenizer, pack, parse_reply, prompt_completion_sequence, read_jsonl,
-                  record_indices, render, render_completion, render_prompt)
-from model import Config, generate
+                    lr_factor, make_optimizer, open_stage, save_checkpoint, save_model, set_lr, teardown, whole_model)
+from data import (chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl, record_indices, render,
+                  render_completion, render_prompt)
+from model import generate
 from prefopt import LR_SCALE, fitting_records, packed_logps, reference_logps
 from reward import load_reward_model
 from reward import score as reward_model_score
@@ -180,21 +179,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = setup(args.device)
+    runtime, enc, parent, config = open_stage("copg", args)
+    data, out = Path(args.data), Path(args.out)
     online = args.mode == "online"
     if online and runtime.mesh is not None:
         raise ValueError("online CoPG generates with whole weights: run it in one process (offline mode shards)")
-    data, out = Path(args.data), Path(args.out)
-    enc = load_tokenizer(str(data / "tokenizer.json"))
-    parent = load_config(args.init)
-    config = Config(**parent["model"])
-    if config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
-                         f"{data / 'tokenizer.json'} {enc.n_vocab}")
-    if runtime.is_main:
-        if (out / "config.json").is_file() and Config(**load_config(out)["model"]) != config:
-            raise ValueError(f"{out} holds a run of a different model; pick another --out to start afresh")
-        write_config(out, "copg", parent["preset"], config, args, str(data / "tokenizer.json"), args.init)
     model = build_model(config, runtime, args.init, args.seed)
 
     # data: offline, scored groups with cached reference log-probs; online, prompts with a verifier or an RM

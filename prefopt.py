@@ -54,11 +54,11 @@ import torch
 import torch.nn.functional as F
 
 from common import (Logger, all_reduce_sum, atomic_save, autocast, build_model, clip_grad_norm, load_checkpoint,
-                    load_config, lr_factor, make_optimizer, model_path, save_checkpoint, save_model, set_lr, setup,
-                    teardown, whole_model, write_config)
-from data import (END_OF_TURN, chat_stop_tokens, load_tokenizer, pack, parse_reply, prompt_completion_sequence,
-                  read_jsonl, record_indices, render, render_completion, render_prompt)
-from model import Config, generate
+                    lr_factor, make_optimizer, model_path, open_stage, save_checkpoint, save_model, set_lr, teardown,
+                    whole_model)
+from data import (END_OF_TURN, chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl,
+                  record_indices, render, render_completion, render_prompt)
+from model import generate
 from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, grade_replies
 from tasks import CAPABILITIES
 
@@ -331,18 +331,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = setup(args.device)
+    runtime, enc, parent, config = open_stage("prefopt", args)
     data, out = Path(args.data), Path(args.out)
-    enc = load_tokenizer(str(data / "tokenizer.json"))
-    parent = load_config(args.init)
-    config = Config(**parent["model"])
-    if config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
-                         f"{data / 'tokenizer.json'} {enc.n_vocab}")
-    if runtime.is_main:
-        if (out / "config.json").is_file() and Config(**load_config(out)["model"]) != config:
-            raise ValueError(f"{out} holds a run of a different model; pick another --out to start afresh")
-        write_config(out, "prefopt", parent["preset"], config, args, str(data / "tokenizer.json"), args.init)
 
     # data: each pair's 2 sequences (6 for SRPO), tokenized once; the SFT set if any
     srpo = args.loss == "srpo"

@@ -42,12 +42,10 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import (Logger, atomic_save, autocast, build_model, clip_grad_norm, load_checkpoint, load_config,
-                    load_model, lr_factor, make_optimizer, model_path, save_checkpoint, save_model, set_lr, setup,
-                    teardown, write_config)
-from data import (load_tokenizer, pack, pair_batch, prompt_completion_sequence, read_jsonl, record_indices,
-                  render_completion, render_prompt)
-from model import Config
+from common import (Logger, atomic_save, autocast, build_model, clip_grad_norm, load_checkpoint, load_model,
+                    lr_factor, make_optimizer, model_path, open_stage, save_checkpoint, save_model, set_lr, teardown)
+from data import (pack, pair_batch, prompt_completion_sequence, read_jsonl, record_indices, render_completion,
+                  render_prompt)
 
 
 def parse_args(argv=None):
@@ -154,18 +152,10 @@ def full_state(module: nn.Module) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = setup(args.device)
+    runtime, enc, parent, config = open_stage("reward", args)
     data, out = Path(args.data), Path(args.out)
-    enc = load_tokenizer(str(data / "tokenizer.json"))
     stages = [read_jsonl(data / args.stage1, "pair"), read_jsonl(data / args.stage2, "pair")]
     eval_pairs = read_jsonl(data / args.eval_pairs, "pair")
-    parent = load_config(args.init)
-    config = Config(**parent["model"])
-    if config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
-                         f"{data / 'tokenizer.json'} {enc.n_vocab}")
-    if runtime.is_main:
-        write_config(out, "reward", parent["preset"], config, args, str(data / "tokenizer.json"), args.init)
 
     # model: the trunk from --init, a zero-initialised head (every pair starts at loss log 2); under FSDP the
     # head is its own (tiny) FSDP unit, so its gradient is averaged over ranks like the trunk's

@@ -55,12 +55,11 @@ import numpy as np
 import torch
 
 from common import (Logger, all_reduce_sum, autocast, build_model, clip_grad_norm, l2_to_init, load_checkpoint,
-                    load_config, lr_factor, make_optimizer, save_checkpoint, save_model, set_lr, setup, teardown,
-                    whole_model, write_config)
-from data import (IGNORE, chat_stop_tokens, load_tokenizer, open_shard, pack, prompt_completion_sequence, read_jsonl,
-                  record_indices, render, render_prompt, shard_batch)
+                    lr_factor, make_optimizer, open_stage, save_checkpoint, save_model, set_lr, teardown, whole_model)
+from data import (IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence, read_jsonl, record_indices,
+                  render, render_prompt, shard_batch)
 from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability
-from model import Config, generate
+from model import generate
 from reward import load_reward_model, score
 from tasks import CAPABILITIES
 
@@ -189,18 +188,8 @@ def best_of_n(model, enc, prompts: list[list[dict]], n: int, score_fn, max_new_t
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime = setup(args.device)
+    runtime, enc, parent, config = open_stage("sft", args)
     data, out = Path(args.data), Path(args.out)
-    enc = load_tokenizer(str(data / "tokenizer.json"))
-    parent = load_config(args.init)
-    config = Config(**parent["model"])
-    if config.vocab_size != enc.n_vocab:
-        raise ValueError(f"--init {args.init} has a vocabulary of {config.vocab_size}, the tokenizer "
-                         f"{data / 'tokenizer.json'} {enc.n_vocab}")
-    if runtime.is_main:
-        if (out / "config.json").is_file() and Config(**load_config(out)["model"]) != config:
-            raise ValueError(f"{out} holds a run of a different model; pick another --out to start afresh")
-        write_config(out, "sft", parent["preset"], config, args, str(data / "tokenizer.json"), args.init)
     model = build_model(config, runtime, args.init, args.seed)
     init_params = [p.detach().clone() for p in model.parameters()] if args.l2_init else []
 
