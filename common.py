@@ -250,6 +250,19 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
+def optimizer_step(model, optimizer, loss: float, step: int, out, max_norm: float) -> float:
+    """Clip the gradients to max_norm and step, then clear them; return the norm before clipping. A loss that
+    is not finite stops the run here, before the update, with one message: the last checkpoint in `out` is
+    then still the last good state."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped before the update. The last good "
+                                 f"checkpoint, {Path(out) / 'checkpoint.pt'}, is intact (lower --lr, or check the data)")
+    grad_norm = clip_grad_norm(model, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints and artifacts
 

@@ -52,7 +52,6 @@ the replay buffer starts empty) and, offline, ref_logps.pt.
 """
 
 import argparse
-import math
 import random
 import time
 from collections import deque
@@ -61,8 +60,9 @@ from pathlib import Path
 
 import torch
 
-from common import (Logger, all_reduce_sum, autocast, build_model, clip_grad_norm, l2_to_init, load_checkpoint,
-                    lr_factor, make_optimizer, open_stage, save_checkpoint, save_model, set_lr, teardown, whole_model)
+from common import (Logger, all_reduce_sum, autocast, build_model, l2_to_init, load_checkpoint, lr_factor,
+                    make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr, teardown,
+                    whole_model)
 from data import (chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl, record_indices, render,
                   render_completion, render_prompt)
 from model import generate
@@ -274,12 +274,7 @@ def main(argv=None):
         log_ratio = (logps[:n_fresh] - ref[:n_fresh]).detach()
         mean = lambda value: all_reduce_sum(value, runtime) / runtime.world_size  # noqa: E731
         loss, sft_loss = mean(loss.item()), mean(sft_loss.item())
-        if not math.isfinite(loss + sft_loss):
-            raise FloatingPointError(f"loss is {loss} (SFT {sft_loss}) at step {step + 1}; stopped before the "
-                                     f"update. The last good checkpoint, {out / 'checkpoint.pt'}, is intact")
-        grad_norm = clip_grad_norm(model, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, loss + sft_loss, step, out, args.grad_clip)
 
         done = step + 1
         tokens_seen += all_reduce_sum(sum(len(ids) for ids, _ in sequences), runtime)

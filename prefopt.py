@@ -46,16 +46,15 @@ writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (a restarted run 
 
 import argparse
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Logger, all_reduce_sum, atomic_save, autocast, build_model, clip_grad_norm, load_checkpoint,
-                    lr_factor, make_optimizer, model_path, open_stage, save_checkpoint, save_model, set_lr, teardown,
-                    whole_model)
+from common import (Logger, all_reduce_sum, atomic_save, autocast, build_model, load_checkpoint, lr_factor,
+                    make_optimizer, model_path, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
+                    teardown, whole_model)
 from data import (END_OF_TURN, chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl,
                   record_indices, render, render_completion, render_prompt)
 from model import generate
@@ -389,12 +388,7 @@ def main(argv=None):
         margins = (logps[:, 0] - ref[:, 0] - logps[:, 1] + ref[:, 1]).detach()  # z
         mean = lambda value: all_reduce_sum(value, runtime) / runtime.world_size  # noqa: E731
         loss, sft_loss = mean(loss.item()), mean(sft_loss.item())
-        if not math.isfinite(loss + sft_loss):
-            raise FloatingPointError(f"loss is {loss} (SFT {sft_loss}) at step {step + 1}; stopped before the "
-                                     f"update. The last good checkpoint, {out / 'checkpoint.pt'}, is intact")
-        grad_norm = clip_grad_norm(model, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, loss + sft_loss, step, out, args.grad_clip)
 
         done = step + 1
         tokens_seen += all_reduce_sum(sum(len(ids) for ids, _ in batch), runtime)

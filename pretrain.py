@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from common import (Logger, all_reduce_sum, autocast, build_model, clip_grad_norm, load_checkpoint, load_config,
-                    lr_factor, make_optimizer, save_checkpoint, save_model, set_lr, setup, teardown, write_config)
+from common import (Logger, all_reduce_sum, autocast, build_model, load_checkpoint, load_config, lr_factor,
+                    make_optimizer, optimizer_step, save_checkpoint, save_model, set_lr, setup, teardown,
+                    write_config)
 from data import IGNORE, load_tokenizer, open_shard, shard_batch
 from model import PRESETS, Config
 
@@ -271,12 +272,7 @@ def main(argv=None):
             (loss * n_local * runtime.world_size / n_targets).backward()
             loss_sum += loss.item() * n_local
         loss = all_reduce_sum(loss_sum, runtime) / n_targets
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopped before the update. The last good "
-                                     f"checkpoint, {out / 'checkpoint.pt'}, is intact (lower --lr, or check the data)")
-        grad_norm = clip_grad_norm(model, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, loss, step, out, args.grad_clip)
 
         done = step + 1
         logger.advance()

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import (Logger, atomic_save, autocast, build_model, clip_grad_norm, load_checkpoint, load_model,
-                    lr_factor, make_optimizer, model_path, open_stage, save_checkpoint, save_model, set_lr, teardown)
+from common import (Logger, atomic_save, autocast, build_model, load_checkpoint, load_model, lr_factor,
+                    make_optimizer, model_path, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
+                    teardown)
 from data import (pack, pair_batch, prompt_completion_sequence, read_jsonl, record_indices, render_completion,
                   render_prompt)
 
@@ -189,12 +190,7 @@ def main(argv=None):
                 rewards = reward_model(batch["tokens"], batch["doc_ids"], batch["positions"], batch["last"])
             loss = reward_loss(rewards[0::2], rewards[1::2], batch["labels"])  # same pairs per rank: mean of means
             loss.backward()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (stage {stage}); stopped before "
-                                         f"the update. The last good checkpoint, {out / 'checkpoint.pt'}, is intact")
-            grad_norm = clip_grad_norm(reward_model, args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(reward_model, optimizer, loss.item(), step, out, args.grad_clip)
 
             done = step + 1
             tokens_seen += (batch["doc_ids"] >= 0).sum().item() * runtime.world_size

@@ -54,8 +54,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (Logger, all_reduce_sum, autocast, build_model, clip_grad_norm, l2_to_init, load_checkpoint,
-                    lr_factor, make_optimizer, open_stage, save_checkpoint, save_model, set_lr, teardown, whole_model)
+from common import (Logger, all_reduce_sum, autocast, build_model, l2_to_init, load_checkpoint, lr_factor,
+                    make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr, teardown,
+                    whole_model)
 from data import (IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence, read_jsonl, record_indices,
                   render, render_prompt, shard_batch)
 from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability
@@ -240,12 +241,7 @@ def main(argv=None):
         penalty = l2_to_init(model.parameters(), init_params, args.l2_init) if args.l2_init else torch.zeros(())
         (loss + penalty).backward()
         ce = all_reduce_sum(ce.item() * n_local, runtime) / n_targets
-        if not math.isfinite(ce):
-            raise FloatingPointError(f"loss is {ce} at step {step + 1}; stopped before the update. The last good "
-                                     f"checkpoint, {out / 'checkpoint.pt'}, is intact (lower --lr, or check the data)")
-        grad_norm = clip_grad_norm(model, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, ce, step, out, args.grad_clip)
 
         done = step + 1
         tokens_seen += all_reduce_sum((batch["doc_ids"] >= 0).sum().item(), runtime)

@@ -111,16 +111,16 @@ def test_bits_per_byte_is_loss_times_tokens_over_text_bytes(data, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_losses(data, parent, reference, tmp_path, monkeypatch):
-    calls = []
+    calls, clip_grad_norm = [], common.clip_grad_norm
 
     def clip_then_interrupt(model, max_norm):
         calls.append(1)
         if len(calls) == 5:  # during step 5: the checkpoint of step 4 is the last one
             raise KeyboardInterrupt
-        return common.clip_grad_norm(model, max_norm)
+        return clip_grad_norm(model, max_norm)
 
     with monkeypatch.context() as patch:
-        patch.setattr(pretrain, "clip_grad_norm", clip_then_interrupt)
+        patch.setattr(common, "clip_grad_norm", clip_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             run(data, tmp_path, "--init", str(parent), "--steps", "6", "--save-every", "2")
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
