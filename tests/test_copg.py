@@ -1,7 +1,6 @@
 """copg.py: copg_loss on a hand-worked value, its identities with RLOO and IPO, and its optimum on a tabular
 problem; verifier rewards; end-to-end runs offline and online (verifier, replay, L2 and SFT regularisers)."""
 
-import argparse
 import itertools
 import json
 import math
@@ -9,15 +8,12 @@ import math
 import pytest
 import torch
 
-import common
 import copg
-import tasks
+from conftest import SMALL
 from copg import copg_loss
-from data import load_tokenizer, read_jsonl, render_completion, save_tokenizer, train_bpe
-from model import Config, Transformer
+from data import load_tokenizer, read_jsonl, render_completion
 from prefopt import preference_loss
 
-SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast
 
 
 def test_copg_loss_on_hand_worked_numbers():
@@ -100,27 +96,6 @@ def test_copg_needs_at_least_two_completions_per_prompt():
 
 # -----------------------------------------------------------------------------
 # The stage script
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A twentieth of the tiny world and a 600-token BPE."""
-    folder = tmp_path_factory.mktemp("world")
-    tasks.build(folder, seed=0, scale=0.05)
-    texts = [record["text"] for record in read_jsonl(folder / "corpus.jsonl", "text")]
-    save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def parent(world, tmp_path_factory):
-    """A fresh dim-64 model saved as an earlier stage's --out (model.pt + config.json)."""
-    folder = tmp_path_factory.mktemp("parent")
-    config = Config(vocab_size=load_tokenizer(str(world / "tokenizer.json")).n_vocab, **SMALL)
-    torch.manual_seed(0)
-    torch.save(Transformer(config).state_dict(), folder / "model.pt")
-    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
-    return folder
 
 
 def test_verifier_rewards_grade_the_parsed_reply(world):

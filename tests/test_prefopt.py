@@ -2,7 +2,6 @@
 the revision prompt, the reference log-prob cache (fresh = cached, stale = recomputed), self-refinement, and
 end-to-end runs of every loss on a small synthetic world."""
 
-import argparse
 import json
 import math
 
@@ -12,10 +11,9 @@ import torch.nn.functional as F
 
 import common
 import prefopt
-import tasks
-from data import (END_OF_TURN, chat_stop_tokens, load_tokenizer, read_jsonl, render_completion, render_prompt,
-                  save_tokenizer, train_bpe)
-from model import Config, Transformer, generate
+from conftest import save_parent
+from data import END_OF_TURN, chat_stop_tokens, read_jsonl, render_completion, render_prompt
+from model import generate
 from prefopt import preference_loss
 
 
@@ -135,38 +133,6 @@ def test_srpo_recovers_its_analytic_optimum_on_a_tabular_problem():
 
 # -----------------------------------------------------------------------------
 # The stage script: revision prompt, reference cache, self-refinement, end-to-end runs
-
-SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A twentieth of the tiny world and a 600-token BPE."""
-    folder = tmp_path_factory.mktemp("world")
-    tasks.build(folder, seed=0, scale=0.05)
-    texts = [record["text"] for record in read_jsonl(folder / "corpus.jsonl", "text")]
-    save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def enc(world):
-    return load_tokenizer(str(world / "tokenizer.json"))
-
-
-def save_parent(folder, enc, world, seed=0):
-    """A fresh dim-64 model saved as an earlier stage's --out (model.pt + config.json)."""
-    config = Config(vocab_size=enc.n_vocab, **SMALL)
-    torch.manual_seed(seed)
-    torch.save(Transformer(config).state_dict(), folder / "model.pt")
-    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def parent(world, enc, tmp_path_factory):
-    return save_parent(tmp_path_factory.mktemp("parent"), enc, world)
-
 
 def test_revision_prompt_is_the_conversation_with_the_draft_and_a_revision_request(enc):
     messages = [{"role": "user", "content": "Who leads Verun Metals?"}]

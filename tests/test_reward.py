@@ -12,7 +12,6 @@ import common
 import reward
 import sft
 from data import pair_batch, prompt_completion_sequence, read_jsonl, render_completion, render_prompt
-from test_sft import enc, parent, world  # noqa: F401  (shared module fixtures)
 
 
 def test_soft_label_loss_on_hand_worked_numbers():

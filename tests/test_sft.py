@@ -1,7 +1,6 @@
 """sft.py: loss only on chatbot tokens, packing changes nothing, the L2-to-init term, best-of-N's pick, the data
 order, and end-to-end runs (resume, regularisers, evaluation) on a small synthetic world."""
 
-import argparse
 import json
 
 import pytest
@@ -10,39 +9,7 @@ import torch.nn.functional as F
 
 import common
 import sft
-import tasks
-from data import IGNORE, load_tokenizer, read_jsonl, record_indices, render, save_tokenizer, sft_batch, train_bpe, write_shard
-from model import Config, Transformer
-
-SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A twentieth of the tiny world (sft/, pref/, eval/), a 600-token BPE and its corpus shard."""
-    folder = tmp_path_factory.mktemp("world")
-    tasks.build(folder, seed=0, scale=0.05)
-    texts = [record["text"] for record in read_jsonl(folder / "corpus.jsonl", "text")]
-    save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
-    write_shard(load_tokenizer(str(folder / "tokenizer.json")), texts, folder / "corpus.bin")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def enc(world):
-    return load_tokenizer(str(world / "tokenizer.json"))
-
-
-@pytest.fixture(scope="module")
-def parent(world, enc, tmp_path_factory):
-    """A fresh dim-64 model saved as an earlier stage's --out (model.pt + config.json)."""
-    folder = tmp_path_factory.mktemp("parent")
-    config = Config(vocab_size=enc.n_vocab, **SMALL)
-    torch.manual_seed(0)
-    torch.save(Transformer(config).state_dict(), folder / "model.pt")
-    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
-    return folder
-
+from data import IGNORE, read_jsonl, record_indices, render, save_tokenizer, sft_batch, train_bpe
 
 @pytest.fixture(scope="module")
 def model(parent):
