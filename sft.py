@@ -95,6 +95,8 @@ def parse_args(argv=None):
     parser.add_argument("--l2-init", type=float, default=0.0, help="λ of the penalty λ‖θ − θ₀‖² to the init weights")
     parser.add_argument("--pretrain-mix", type=float, default=0.0, help="share of steps on pretraining batches")
     parser.add_argument("--best-of-n", type=int, help="train on the best of N samples per prompt (§3.5)")
+    parser.add_argument("--best-of-n-prompts", type=int, default=512, help="best-of-N: sample for this many of "
+                                                                           "the data's prompts (seeded choice)")
     parser.add_argument("--reward-model", help="reward.py --out folder that ranks the best-of-N samples")
     parser.add_argument("--temperature", type=float, default=1.0, help="best-of-N sampling temperature")
     parser.add_argument("--top-p", type=float, default=0.95, help="best-of-N nucleus sampling")
@@ -200,7 +202,9 @@ def main(argv=None):
         reward_model = load_reward_model(args.reward_model, runtime.device)
         generator = torch.Generator(runtime.device).manual_seed(args.seed)  # every rank samples the same set
         sequences, best_scores = best_of_n(
-            whole_model(model, args.init, runtime), enc, [prompt_of(r) for r in records], args.best_of_n,
+            whole_model(model, args.init, runtime), enc,
+            [prompt_of(r) for r in random.Random(args.seed).sample(records, min(len(records), args.best_of_n_prompts))],
+            args.best_of_n,
             lambda messages, completions: score(reward_model, enc, messages, completions),
             max(EVAL_MAX_NEW_TOKENS.values()), args.temperature, args.top_p, generator)
         print(f"best-of-{args.best_of_n}: {len(sequences)} prompts, mean best reward {np.mean(best_scores):.3f}")

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The Command A pipeline of the report's Figure 3 at tiny scale, on a CPU, in one command:
+#
+#   data -> tokenizer -> pretrain (cooldown + context extension) -> instruct (SFT, then SRPO) -> seven SFT
+#   experts (code merged over 2 seeds) -> SFT soup -> RL experts with each domain's method -> RL soup ->
+#   polishing (best-of-N SFT, then SRPO, then online CoPG) -> RUNS/report.md, one row per checkpoint.
+#
+#     bash run_tiny.sh                 # data/tiny, runs/tiny
+#     QUICK=1 bash run_tiny.sh         # a few steps per stage: checks that the chain runs (tests do this)
+#     DATA=data/x RUNS=runs/x bash run_tiny.sh
+#
+# Status: the soups are uniform merges; the evaluated weight search of §3.4 (merge.py --search) is not
+# written yet. Every stage resumes from its --out, so a stopped run continues where it was.
+set -euo pipefail
+cd "$(dirname "$0")"
+DATA=${DATA:-data/tiny}
+RUNS=${RUNS:-runs/tiny}
+CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-longctx sft-safety sft-soup \
+             rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-soup polished)
+if [ "${QUICK:-0}" = 1 ]; then
+    PRETRAIN=(--steps 6 --warmup 2 --eval-every 3 --eval-batches 1 --context-schedule 256:2,512:2)
+    STEPS=(--steps 2)
+    REWARD=(--stage1-epochs 0.02 --stage2-epochs 0.03)
+    BEST_OF_N=(--best-of-n-prompts 8)
+    EVAL=(--limit 2)
+    CHECKPOINTS=(instruct sft-soup rl-soup polished)
+else
+    PRETRAIN=(--context-schedule 256:60,1024:40,2048:20)
+    STEPS=()
+    REWARD=()
+    BEST_OF_N=()
+    EVAL=()
+fi
+stage() { echo; echo "=== $*"; "$@"; }
+
+stage python tasks.py --out "$DATA" --seed 0
+stage python data.py tokenizer --data "$DATA"
+stage python data.py shards --data "$DATA"
+stage python pretrain.py --data "$DATA" --out "$RUNS/pretrain" "${PRETRAIN[@]}"
+
+# instruct model: SFT from the base model, then SRPO (§3.1)
+stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/pretrain" --out "$RUNS/instruct-sft" "${STEPS[@]}"
+stage python reward.py --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/reward" "${REWARD[@]}"
+stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/instruct" "${STEPS[@]}"
+
+# SFT experts from the instruct model (§3.3); code over two seeds, merged (seed merging, §3.4)
+for cap in rag multilingual math longctx safety; do
+    stage python sft.py --capability "$cap" --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-$cap" "${STEPS[@]}"
+done
+for seed in 0 1; do
+    stage python sft.py --capability code --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-code-seed$seed" \
+        --seed "$seed" "${STEPS[@]}"
+done
+stage python merge.py --out "$RUNS/sft-code" --models "$RUNS/sft-code-seed0" "$RUNS/sft-code-seed1"
+SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
+stage python merge.py --out "$RUNS/sft-soup" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}"
+
+# RL experts from the SFT soup, each with its domain's method (§3.3)
+stage python prefopt.py --capability safety --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-safety" "${STEPS[@]}"
+stage python prefopt.py --capability multilingual --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-multilingual" "${STEPS[@]}"
+stage python copg.py --capability code --mode offline --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-code-copg" "${STEPS[@]}"
+stage python merge.py --out "$RUNS/rl-code" --models "$RUNS/rl-code-copg" "$RUNS/sft-soup" --weights 0.7 0.3  # back toward the parent
+for cap in math rag; do
+    stage python copg.py --capability "$cap" --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-$cap" "${STEPS[@]}"
+done
+stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-instruct" "${STEPS[@]}"
+stage python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-longctx" "${STEPS[@]}"
+RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
+stage python merge.py --out "$RUNS/rl-soup" --models "${RL_EXPERTS[@]}"
+
+# polishing (§3.5): best-of-N SFT ranked by the reward model, then SRPO, then online CoPG with 2 generations
+stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/rl-soup" --out "$RUNS/polish-bon" \
+    --best-of-n 4 --reward-model "$RUNS/reward" "${BEST_OF_N[@]}" "${STEPS[@]}"
+stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/polish-bon" --out "$RUNS/polish-srpo" "${STEPS[@]}"
+stage python copg.py --capability instruct --k 2 --data "$DATA" --init "$RUNS/polish-srpo" --out "$RUNS/polished" "${STEPS[@]}"
+
+# the report: every capability of every checkpoint, the reward model's win rate against the instruct model
+REPORTS=()
+for name in "${CHECKPOINTS[@]}"; do
+    REPORTS+=("$RUNS/$name/eval.json")
+    stage python evaluate.py --model "$RUNS/$name" --data "$DATA" --reward-model "$RUNS/reward" \
+        --reference "$RUNS/instruct" "${EVAL[@]}"
+done
+stage python evaluate.py --report "${REPORTS[@]}" --out "$RUNS/report.md"
