@@ -18,8 +18,22 @@ torch.save zip archive, so the peak memory is the output model plus one input te
 experts (`python merge.py --bench` measures it). Inputs whose model configs, tokenizers, tensor names or shapes
 differ are refused with a message that names the difference.
 
-Status: linear merges and SLERP; leave-one-out merges and the evaluated weight search (`--search`) need
-evaluate.py (issue 7).
+Weight search (`--search`, §3.4.3.1 and §3.4.3.3): the soup's weights are searched, each candidate scored by
+evaluate.py on every domain its experts cover. A model's domain is its --capability (config.json); a domain is
+scored by its retention, the candidate's headline metric over the best expert's (capped at 1), and a candidate
+by its mean retention. The search evaluates the starting weights (--weights, else uniform), then every
+leave-one-out merge (which reveals "collisions": an expert whose removal raises another domain's score), then
+makes the report's two moves until the evaluation budget is spent: upweight the experts of the weakest domain
+of the best candidate so far (by 0.2, 0.4, then 0.8 before renormalising; then the next weakest), and, once
+each was tried from that candidate, perturb its weights at random (log-normal, renormalised). Evaluation, not
+merging, is the cost: --budget counts the candidates, --limit the eval records per domain. Like evaluate.py,
+the search runs in one process on the CPU: it is meant for models that fit there.
+
+    python merge.py --search --out runs/tiny/sft-soup --models runs/tiny/instruct runs/tiny/sft-{rag,code,safety}
+
+Writes the best merge to OUT (config.json records its weights and the search) and one line per candidate to
+OUT/search.jsonl. A restarted search replays the candidates already in OUT/search.jsonl (same models, data and
+settings) instead of evaluating them again.
 """
 
 import argparse
@@ -28,6 +42,7 @@ import json
 import math
 import os
 import pickle
+import random
 import subprocess
 import sys
 import tempfile
@@ -38,7 +53,7 @@ from pathlib import Path
 import torch
 
 from common import atomic_save, load_config, model_path
-from model import PRESETS, Transformer
+from model import PRESETS, Config, Transformer
 
 
 STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
@@ -146,15 +161,176 @@ def merge(paths, weights=None, method="linear", normalize=False) -> tuple[dict, 
     return merged, infos[0]
 
 
-def write_merge(out, merged: dict, info: dict, paths, weights, method):
+def model_domain(info: dict) -> str | None:
+    """The capability a model was trained for (its stage's --capability), or None."""
+    return info.get("args", {}).get("capability")
+
+
+def write_merge(out, merged: dict, info: dict, paths, weights, method, **extra):
+    """OUT/model.pt and OUT/config.json. The merge keeps a capability when the inputs that name one all name the
+    same (seed merging, interpolation toward an unnamed parent), so a search can still tell its domain."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(merged, out / "model.pt")
-    record = info | {"stage": "merge", "parent": [str(p) for p in paths],
-                     "args": {"method": method, "weights": weights}}
+    capabilities = {model_domain(load_config(p)) for p in paths} - {None}
+    args = {"method": method, "weights": weights, **extra}
+    if len(capabilities) == 1:
+        args["capability"] = capabilities.pop()
+    record = info | {"stage": "merge", "parent": [str(p) for p in paths], "args": args}
     partial = out / "config.json.tmp"
     partial.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(partial, out / "config.json")
+
+
+# -----------------------------------------------------------------------------
+# Weight search (§3.4.3.1): leave-one-out merges, then upweight-the-weakest and random perturbations
+
+
+def normalized(weights) -> list[float]:
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def search_weights(domains: list, score, budget: int, start=None, step: float = 0.2, sigma: float = 0.3,
+                   seed: int = 0, log=None, cache: dict | None = None) -> tuple[dict, list[dict]]:
+    """Search merge weights for models whose domains are `domains` (one per model, None for none). `score(weights,
+    names)` evaluates the merge with those weights on the named domains and returns {domain: headline metric}.
+
+    Each expert is scored alone on its domain first (the reference; domains whose experts all score 0 have
+    nothing to retain and are left out). Then `budget` candidates: the start (uniform by default), the
+    leave-one-out merges, then the best candidate so far with its weakest domain's experts upweighted by `step`,
+    2 `step` or 4 `step` (a capability can need a large share before it shows at all), then the next weakest
+    domain, or, once every lagging domain was tried from this candidate, with each weight perturbed by a factor
+    exp(sigma · N(0, 1)). Weights are renormalised to sum to 1; a candidate replaces the best only if better.
+    Returns the best candidate and all of them; each is {"kind", "weights", "scores", "retention", "objective"}.
+    Every evaluation is written as a JSON line to `log`; `cache` holds earlier ones (a restart replays them)."""
+    n, rng, cache = len(domains), random.Random(seed), {} if cache is None else cache
+
+    def evaluated(weights, names) -> dict:
+        key = search_key(weights, names)
+        if key not in cache:
+            cache[key] = score(weights, names)
+        return cache[key]
+
+    def logged(record: dict) -> dict:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        return record
+
+    reference = {}
+    for i, domain in enumerate(domains):
+        if domain is not None:
+            alone = [float(j == i) for j in range(n)]
+            record = logged({"kind": f"expert {i} alone", "weights": alone, "scores": evaluated(alone, [domain])})
+            reference[domain] = max(reference.get(domain, 0.0), record["scores"][domain])
+    scored = [d for d, value in reference.items() if value > 0]
+    if not scored:
+        print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, the start is kept")
+        start = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
+                 "objective": 0.0}
+        return start, [start]
+    print("expert scores: " + ", ".join(f"{d} {v:.3f}" for d, v in reference.items())
+          + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})" if len(scored) < len(reference) else ""))
+    candidates = []
+
+    def evaluate(weights, kind):
+        weights = normalized(weights)
+        scores = evaluated(weights, scored)
+        retention = {d: min(1.0, scores[d] / reference[d]) for d in scored}
+        candidate = logged({"kind": kind, "weights": weights, "scores": scores, "retention": retention,
+                            "objective": sum(retention.values()) / len(scored)})
+        candidates.append(candidate)
+        print(f"candidate {len(candidates)}/{budget} ({kind}): mean retention {candidate['objective']:.3f}, weights "
+              + " ".join(f"{w:.3f}" for w in weights))
+        return candidate
+
+    best = first = evaluate(start or [1.0] * n, "start")
+    for i in range(n if n > 2 else 0):
+        if len(candidates) >= budget:
+            break
+        left_out = evaluate([w if j != i else 0.0 for j, w in enumerate(first["weights"])], f"leave out {i}")
+        for domain in scored:  # a collision: removing expert i helps another domain
+            if domains[i] != domain and left_out["scores"][domain] > first["scores"][domain]:
+                print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
+                      f"{first['scores'][domain]:.3f} -> {left_out['scores'][domain]:.3f}")
+        best = max(best, left_out, key=lambda c: c["objective"])
+    tried = set()  # (best weights, domain, step) already tried
+    while len(candidates) < budget:
+        lagging = sorted((d for d in scored if best["retention"][d] < 1), key=lambda d: best["retention"][d])
+        moves = [(d, step * 2 ** k) for d in lagging for k in range(3)
+                 if (search_key(best["weights"], []), d, k) not in tried]
+        if moves:  # the heuristic: upweight the weakest domain, by step, 2 step, 4 step; then the next weakest
+            (weakest, amount), k = moves[0], round(math.log2(moves[0][1] / step))
+            tried.add((search_key(best["weights"], []), weakest, k))
+            weights = [w + amount / domains.count(weakest) * (d == weakest) for w, d in zip(best["weights"], domains)]
+            candidate = evaluate(weights, f"upweight {weakest} by {amount:g}")
+        else:  # brute force: perturb around the best candidate
+            candidate = evaluate([w * math.exp(sigma * rng.gauss(0, 1)) for w in best["weights"]], "perturb")
+        if candidate["objective"] > best["objective"]:
+            best = candidate
+    return best, candidates
+
+
+def search_key(weights, names) -> str:
+    return json.dumps([[round(w, 4) for w in weights], sorted(names)])
+
+
+def capability_scorer(paths, data, limit, batch_size: int = 16):
+    """score(weights, domains) for search_weights: merge the models in memory, evaluate each domain's headline
+    metric on the first `limit` records of DATA/eval/DOMAIN.jsonl (greedy, as evaluate.py)."""
+    from data import load_tokenizer
+    from evaluate import HEADLINE, evaluate_capability
+
+    enc = load_tokenizer(str(Path(data) / "tokenizer.json"))
+    config = Config(**load_config(paths[0])["model"])
+
+    def score(weights, domains):
+        merged, _ = merge([p for p, w in zip(paths, weights) if w > 0], [w for w in weights if w > 0],
+                          normalize=True)
+        with torch.device("meta"):
+            model = Transformer(config)
+        model.load_state_dict(merged, assign=True)
+        return {d: evaluate_capability(model, enc, data, d, batch_size, limit)[HEADLINE[d]] for d in domains}
+
+    return score
+
+
+def search_log_header(paths, args) -> dict:
+    """What a search.jsonl's candidates depend on: a restart reuses them only if all of this is unchanged."""
+    files = [model_path(p) for p in paths]
+    return {"models": [str(p) for p in paths], "data": str(args.data), "limit": args.limit,
+            "files": [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def run_search(args):
+    paths = args.models
+    infos = [load_config(p) for p in paths]
+    check_compatible(paths, infos, [LazyCheckpoint(model_path(p)) for p in paths])
+    domains = args.domains or [model_domain(info) for info in infos]
+    if len(domains) != len(paths):
+        raise ValueError(f"{len(domains)} --domains for {len(paths)} models")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, log_path, cache = search_log_header(paths, args), out / "search.jsonl", {}
+    if log_path.is_file():
+        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        if lines and lines[0] == {"header": header}:
+            cache = {search_key(e["weights"], e["scores"]): e["scores"] for e in lines[1:]}
+            print(f"{log_path}: reusing {len(cache)} evaluations")
+    score = capability_scorer(paths, args.data, args.limit)
+    print("domains: " + ", ".join(f"{p} = {d}" for p, d in zip(paths, domains)))
+    with open(log_path, "w") as log:
+        log.write(json.dumps({"header": header}) + "\n")
+        best, candidates = search_weights(domains, score, args.budget, args.weights, args.step, args.sigma,
+                                          args.seed, log, cache)
+    print(f"best of {len(candidates)} candidates ({best['kind']}): mean retention {best['objective']:.3f}")
+    for domain, value in best["retention"].items():
+        print(f"  {domain}: {best['scores'][domain]:.3f} ({value:.0%} of its expert)")
+    merged, info = merge(paths, best["weights"])
+    write_merge(out, merged, info, paths, best["weights"], "linear",
+                search={"budget": args.budget, "limit": args.limit, "kind": best["kind"],
+                        "retention": best["retention"], "objective": best["objective"]})
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +381,14 @@ def main(argv=None):
     parser.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
     parser.add_argument("--method", default="linear", choices=["linear", "slerp"])
     parser.add_argument("--out", help="where to write model.pt and config.json")
+    parser.add_argument("--search", action="store_true", help="search the weights, scoring merges with evaluate.py")
+    parser.add_argument("--domains", nargs="+", help="--search: each model's domain (default: its --capability)")
+    parser.add_argument("--data", default="data/tiny", help="--search: the data folder with eval/ and tokenizer.json")
+    parser.add_argument("--budget", type=int, default=40, help="--search: candidate merges to evaluate")
+    parser.add_argument("--limit", type=int, default=24, help="--search: eval records per domain and candidate")
+    parser.add_argument("--step", type=float, default=0.2, help="--search: weight added to the weakest domain")
+    parser.add_argument("--sigma", type=float, default=0.3, help="--search: log-normal perturbation scale")
+    parser.add_argument("--seed", type=int, default=0, help="--search: seed of the perturbations")
     parser.add_argument("--bench", action="store_true", help="measure the peak memory of a 7-expert merge")
     parser.add_argument("--bench-models", type=int, default=7)
     parser.add_argument("--bench-preset", default="small", choices=PRESETS)
@@ -213,6 +397,8 @@ def main(argv=None):
         return bench(args.bench_models, args.bench_preset)
     if not (args.models and args.out):
         parser.error("--models and --out are required")
+    if args.search:
+        return run_search(args)
     merged, info = merge(args.models, args.weights, args.method, args.normalize)
     write_merge(args.out, merged, info, args.models, args.weights, args.method)
     print(f"merged {len(args.models)} models ({args.method}) into {Path(args.out) / 'model.pt'}")

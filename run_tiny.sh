@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # The Command A pipeline of the report's Figure 3 at tiny scale, on a CPU, in one command:
 #
-#   data -> tokenizer -> pretrain (cooldown + context extension) -> instruct (SFT, then SRPO) -> seven SFT
-#   experts (code merged over 2 seeds) -> SFT soup -> RL experts with each domain's method -> RL soup ->
-#   polishing (best-of-N SFT, then SRPO, then online CoPG) -> RUNS/report.md, one row per checkpoint.
+#   data -> tokenizer -> pretrain (cooldown + context extension) -> instruct (SFT, then SRPO) -> six SFT
+#   experts (code merged over 2 seeds) -> SFT soup (weight search) -> RL experts with each domain's method ->
+#   RL soup (weight search) -> polishing (best-of-N SFT, then SRPO, then online CoPG) -> RUNS/report.md, one
+#   row per checkpoint, and RUNS/times.txt, the wall time of every stage.
 #
 #     bash run_tiny.sh                 # data/tiny, runs/tiny
 #     QUICK=1 bash run_tiny.sh         # a few steps per stage: checks that the chain runs (tests do this)
 #     DATA=data/x RUNS=runs/x bash run_tiny.sh
 #
-# Status: the soups are uniform merges; the evaluated weight search of §3.4 (merge.py --search) is not
-# written yet. Every stage resumes from its --out, so a stopped run continues where it was.
+# Every stage resumes from its --out (a weight search replays its search.jsonl), so a stopped run continues
+# where it was.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-data/tiny}
 RUNS=${RUNS:-runs/tiny}
 CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-longctx sft-safety sft-soup \
-             rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-soup polished)
+             rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-soup polish-bon polish-srpo \
+             polished)
 if [ "${QUICK:-0}" = 1 ]; then
     PRETRAIN=(--steps 6 --warmup 2 --eval-every 3 --eval-batches 1 --context-schedule 256:2,512:2)
     STEPS=(--steps 2)
     REWARD=(--stage1-epochs 0.02 --stage2-epochs 0.03)
     BEST_OF_N=(--best-of-n-prompts 8)
+    SEARCH=(--budget 2 --limit 2)
     EVAL=(--limit 2)
     CHECKPOINTS=(instruct sft-soup rl-soup polished)
 else
@@ -29,9 +32,17 @@ else
     STEPS=()
     REWARD=()
     BEST_OF_N=()
+    SEARCH=()
     EVAL=()
 fi
-stage() { echo; echo "=== $*"; "$@"; }
+mkdir -p "$RUNS"
+: > "$RUNS/times.txt"
+stage() {
+    echo; echo "=== $*"
+    local start=$SECONDS
+    "$@"
+    printf '%5d s  %s\n' $((SECONDS - start)) "${*:2}" >> "$RUNS/times.txt"
+}
 
 stage python tasks.py --out "$DATA" --seed 0
 stage python data.py tokenizer --data "$DATA"
@@ -53,7 +64,8 @@ for seed in 0 1; do
 done
 stage python merge.py --out "$RUNS/sft-code" --models "$RUNS/sft-code-seed0" "$RUNS/sft-code-seed1"
 SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
-stage python merge.py --out "$RUNS/sft-soup" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}"
+stage python merge.py --search --data "$DATA" --out "$RUNS/sft-soup" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}" \
+    "${SEARCH[@]}"
 
 # RL experts from the SFT soup, each with its domain's method (§3.3)
 stage python prefopt.py --capability safety --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-safety" "${STEPS[@]}"
@@ -66,11 +78,12 @@ done
 stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-instruct" "${STEPS[@]}"
 stage python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-longctx" "${STEPS[@]}"
 RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
-stage python merge.py --out "$RUNS/rl-soup" --models "${RL_EXPERTS[@]}"
+stage python merge.py --search --data "$DATA" --out "$RUNS/rl-soup" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
 
-# polishing (§3.5): best-of-N SFT ranked by the reward model, then SRPO, then online CoPG with 2 generations
+# polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then SRPO, then
+# online CoPG with 2 generations
 stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/rl-soup" --out "$RUNS/polish-bon" \
-    --best-of-n 4 --reward-model "$RUNS/reward" "${BEST_OF_N[@]}" "${STEPS[@]}"
+    --best-of-n 4 --reward-model "$RUNS/reward" --cross-domain 1.0 "${BEST_OF_N[@]}" "${STEPS[@]}"
 stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/polish-bon" --out "$RUNS/polish-srpo" "${STEPS[@]}"
 stage python copg.py --capability instruct --k 2 --data "$DATA" --init "$RUNS/polish-srpo" --out "$RUNS/polished" "${STEPS[@]}"
 
@@ -82,3 +95,5 @@ for name in "${CHECKPOINTS[@]}"; do
         --reference "$RUNS/instruct" "${EVAL[@]}"
 done
 stage python evaluate.py --report "${REPORTS[@]}" --out "$RUNS/report.md"
+echo; echo "wall time per stage ($RUNS/times.txt), $((SECONDS / 60)) min $((SECONDS % 60)) s in all:"
+cat "$RUNS/times.txt"

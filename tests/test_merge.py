@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from merge import LazyCheckpoint, main, merge, slerp
+from merge import LazyCheckpoint, main, merge, search_weights, slerp
 from model import Config, Transformer
 
 CONFIG = Config(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=48, window=8)
@@ -118,3 +118,83 @@ def test_slerp_follows_the_great_circle_and_keeps_the_norm():
     middle = slerp(0.5, a, b)
     assert torch.allclose(middle, torch.tensor([2 ** 0.5, 2 ** 0.5]))  # norm 2, where lerp would give 1.41
     assert torch.allclose(slerp(0.3, a, 3 * a), 0.7 * a + 0.9 * a)  # parallel: plain interpolation
+
+
+# --- weight search -----------------------------------------------------------------------------------------------
+
+NEEDS = {"a": 0.5, "b": 0.2, "c": 0.2}  # the weight each domain's expert needs in the merge to keep its score
+
+
+def threshold_score(calls=None):
+    """A stand-in for evaluate.py: domain d keeps its expert's score 1 once its expert's weight reaches NEEDS[d],
+    and loses it linearly below."""
+    def score(weights, names):
+        if calls is not None:
+            calls.append(list(weights))
+        return {d: min(1.0, weights["abc".index(d)] / NEEDS[d]) for d in names}
+    return score
+
+
+def test_search_upweights_the_weakest_domain_until_every_expert_is_retained(tmp_path):
+    with open(tmp_path / "search.jsonl", "w") as log:
+        best, candidates = search_weights(["a", "b", "c"], threshold_score(), budget=20, log=log)
+    uniform = candidates[0]
+    assert uniform["kind"] == "start" and uniform["retention"]["a"] == pytest.approx((1 / 3) / 0.5)
+    assert [c["kind"] for c in candidates[1:4]] == ["leave out 0", "leave out 1", "leave out 2"]
+    assert candidates[4]["kind"] == "upweight a by 0.2" and candidates[4]["objective"] > uniform["objective"]
+    assert len(candidates) == 20 and best["objective"] == 1.0 and best["weights"][0] >= 0.5
+    assert sum(best["weights"]) == pytest.approx(1.0)
+    lines = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines[:3]] == ["expert 0 alone", "expert 1 alone", "expert 2 alone"]
+    assert lines[3:] == json.loads(json.dumps(candidates))  # every candidate, as returned
+
+
+def test_search_leaves_out_domains_with_nothing_to_retain_and_reports_collisions(capsys):
+    def score(weights, names):  # expert 1's domain scores 0 even alone; expert 2 hurts domain a
+        return {d: {"a": max(0.0, weights[0] - weights[2]), "b": 0.0, "c": weights[2]}[d] for d in names}
+
+    best, candidates = search_weights(["a", "b", "c"], score, budget=6)
+    assert set(best["retention"]) == {"a", "c"}
+    printed = capsys.readouterr().out
+    assert "left out: b" in printed and "collision: leaving out model 2 (c) raises a 0.000 -> 0.500" in printed
+    leave_out_2 = next(c for c in candidates if c["kind"] == "leave out 2")
+    assert leave_out_2["scores"]["a"] > candidates[0]["scores"]["a"]
+    best, candidates = search_weights(["b", "b"], lambda weights, names: {d: 0.0 for d in names}, budget=3,
+                                      start=[3.0, 1.0])
+    assert "nothing to search for" in capsys.readouterr().out and best["weights"] == [0.75, 0.25]
+
+
+def test_a_restarted_search_replays_its_log_without_evaluating_again():
+    first_calls, second_calls, cache = [], [], {}
+    first, _ = search_weights(["a", "b", "c"], threshold_score(first_calls), budget=10, cache=cache)
+    second, _ = search_weights(["a", "b", "c"], threshold_score(second_calls), budget=10, cache=dict(cache))
+    assert len(first_calls) == 13 and second_calls == [] and second["weights"] == first["weights"]
+
+
+def test_merge_search_end_to_end_writes_the_best_merge_and_its_log(world, enc, tmp_path):
+    """Two dim-64 models scored on the safety eval (a fresh model refuses some and answers others)."""
+    import argparse
+
+    import common
+    from conftest import SMALL
+
+    paths = []
+    for seed in (0, 1):
+        folder = tmp_path / f"safety{seed}"
+        folder.mkdir()
+        config = Config(vocab_size=enc.n_vocab, **SMALL)
+        torch.manual_seed(seed)
+        torch.save(Transformer(config).state_dict(), folder / "model.pt")
+        common.write_config(folder, "sft", "tiny", config, argparse.Namespace(capability="safety"),
+                            str(world / "tokenizer.json"), None)
+        paths.append(str(folder))
+    out = tmp_path / "soup"
+    main(["--search", "--out", str(out), "--models", *paths, "--data", str(world), "--budget", "3",
+          "--limit", "4"])
+    lines = [json.loads(line) for line in (out / "search.jsonl").read_text().splitlines()]
+    assert "header" in lines[0] and len(lines) == 1 + 2 + 3  # header, the experts alone, 3 candidates
+    best = max(lines[3:], key=lambda c: c["objective"])
+    written = json.loads((out / "config.json").read_text())
+    assert written["args"]["weights"] == best["weights"] and written["args"]["capability"] == "safety"
+    expected, _ = merge(paths, best["weights"])
+    assert all(torch.allclose(load(out)[name], expected[name]) for name in expected)

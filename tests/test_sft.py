@@ -87,6 +87,14 @@ def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spa
     assert [s for s in range(12) if sft.is_pretrain_step(s, 0.25)] == [3, 7, 11]
 
 
+def test_default_cross_domain_share_and_best_of_n_epochs():
+    assert sft.parse_args(["--capability", "code"]).cross_domain == 1.0
+    assert sft.parse_args(["--capability", "instruct"]).cross_domain == 0.0
+    best_of_n = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--best-of-n-prompts", "100"])
+    assert best_of_n.steps == 7 and best_of_n.temperature == 0.7  # ceil(2 epochs x 100 prompts / batch 32)
+    assert sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--steps", "3"]).steps == 3
+
+
 def test_experts_get_a_small_share_of_the_other_capabilities(world):
     records = sft.training_conversations(world, "code", 0.1, seed=0)
     own = len(read_jsonl(world / "sft" / "code.jsonl", "sft"))
