@@ -227,9 +227,9 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     scored = [d for d, value in reference.items() if value > 0]
     if not scored:
         print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, the start is kept")
-        start = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
-                 "objective": 0.0}
-        return start, [start]
+        kept = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
+                "objective": 0.0}
+        return kept, [kept]
     print("expert scores: " + ", ".join(f"{d} {v:.3f}" for d, v in reference.items())
           + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})" if len(scored) < len(reference) else ""))
     candidates = []
@@ -255,14 +255,15 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
                 print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
                       f"{first['scores'][domain]:.3f} -> {left_out['scores'][domain]:.3f}")
         best = max(best, left_out, key=lambda c: c["objective"])
-    tried = set()  # (best weights, domain, step) already tried
+    tried = set()  # (best weights, domain, k): upweights by step · 2^k already tried
     while len(candidates) < budget:
         lagging = sorted((d for d in scored if best["retention"][d] < 1), key=lambda d: best["retention"][d])
-        moves = [(d, step * 2 ** k) for d in lagging for k in range(3)
-                 if (search_key(best["weights"], []), d, k) not in tried]
+        moves = [(search_key(best["weights"], []), d, k) for d in lagging for k in range(3)]
+        moves = [move for move in moves if move not in tried]
         if moves:  # the heuristic: upweight the weakest domain, by step, 2 step, 4 step; then the next weakest
-            (weakest, amount), k = moves[0], round(math.log2(moves[0][1] / step))
-            tried.add((search_key(best["weights"], []), weakest, k))
+            tried.add(moves[0])
+            _, weakest, k = moves[0]
+            amount = step * 2 ** k
             weights = [w + amount / domains.count(weakest) * (d == weakest) for w, d in zip(best["weights"], domains)]
             candidate = evaluate(weights, f"upweight {weakest} by {amount:g}")
         else:  # brute force: perturb around the best candidate
