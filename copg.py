@@ -63,8 +63,8 @@ import torch
 from common import (Logger, all_reduce_sum, autocast, build_model, l2_to_init, load_checkpoint, lr_factor,
                     make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr, teardown,
                     whole_model)
-from data import (chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl, record_indices, render,
-                  render_completion, render_prompt)
+from data import (chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl, read_sft_data,
+                  record_indices, render, render_completion, render_prompt)
 from model import generate
 from prefopt import LR_SCALE, fitting_records, packed_logps, reference_logps
 from reward import load_reward_model
@@ -144,7 +144,8 @@ def parse_args(argv=None):
     parser.add_argument("--replay-batch", type=int, help="online: replayed groups per step (default: --batch-size)")
     parser.add_argument("--l2-ref", type=float, default=0.0, help="λ of the penalty λ‖θ − θ_ref‖² (§3.5)")
     parser.add_argument("--sft-weight", type=float, default=0.0, help="weight of the hybrid SFT loss")
-    parser.add_argument("--sft-data", help="SFT JSONL in DATA for it (default: sft/CAP.jsonl)")
+    parser.add_argument("--sft-data", help="SFT JSONL in DATA for it, or all: every sft/*.jsonl "
+                                           "(default: sft/CAP.jsonl)")
     parser.add_argument("--sft-batch-size", type=int, default=8, help="conversations per step for the SFT loss")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="prompts (groups) per step and process")
@@ -212,7 +213,7 @@ def main(argv=None):
     ref_params = list(reference.parameters()) if reference is not None else \
         [p.detach().clone() for p in model.parameters()] if args.l2_ref else []
     if args.sft_weight:
-        sft_records = read_jsonl(data / args.sft_data, "sft")
+        sft_records = read_sft_data(data, args.sft_data)
         _, sft_sequences = fitting_records(sft_records, [[render(enc, r["messages"])] for r in sft_records],
                                            args.seq_len, str(data / args.sft_data))
     if args.eval_before and runtime.is_main:

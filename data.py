@@ -287,6 +287,13 @@ def read_jsonl(path, kind: str) -> list[dict]:
     return records
 
 
+def read_sft_data(data, name: str) -> list[dict]:
+    """The conversations of the SFT JSONL DATA/NAME, or, for NAME "all", of every DATA/sft/*.jsonl: a mixed set
+    that keeps every capability in view while a stage trains on one (`prefopt.py --sft-data all`)."""
+    paths = sorted((Path(data) / "sft").glob("*.jsonl")) if name == "all" else [Path(data) / name]
+    return [record for path in paths for record in read_jsonl(path, "sft")]
+
+
 def _field(obj: dict, key: str, expected_type, where: str):
     if key not in obj:
         raise ValueError(f"{where}: missing key {key!r}")

@@ -17,7 +17,8 @@ label P(y_w ≻ y_l) in [0.5, 1] that every pair carries (1 = a hard label). The
 - `--sft-weight w` adds w × the cross-entropy of the chosen completions (for SRPO: also of the chosen as a
   revision of either completion), or, with `--sft-data FILE`, of a separate SFT set (the safety recipe,
   §3.3.7.2: IPO on helpfulness pairs + an equally weighted SFT loss on safety data; the multilingual
-  recipe, B.2: DPO + SFT on the SFT mix).
+  recipe, B.2: DPO + SFT on the SFT mix). `--sft-data all` mixes every capability's SFT data: polishing
+  (§3.5) uses it so that SRPO on instruct pairs does not erode the other skills.
 - Reference log-probs are computed once, before training, by the --init model itself (the policy before its
   first step), and cached at OUT/ref_logps.pt. The cache is keyed by a hash of everything they depend on:
   the exact token sequences scored (so the data file, the tokenizer, the revision prompt and the records
@@ -56,7 +57,7 @@ from common import (Logger, all_reduce_sum, atomic_save, autocast, build_model, 
                     make_optimizer, model_path, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
                     teardown, whole_model)
 from data import (END_OF_TURN, chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl,
-                  record_indices, render, render_completion, render_prompt)
+                  read_sft_data, record_indices, render, render_completion, render_prompt)
 from model import generate
 from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, grade_replies
 from tasks import CAPABILITIES
@@ -293,8 +294,8 @@ def parse_args(argv=None):
     parser.add_argument("--slic-delta", type=float, default=1.0, help="SLiC: the hinge margin δ")
     parser.add_argument("--slic-lambda", type=float, default=0.1, help="SLiC: weight of the chosen CE")
     parser.add_argument("--sft-weight", type=float, help="weight of the SFT loss (default: the recipe's)")
-    parser.add_argument("--sft-data", help="SFT JSONL in DATA for that loss (default: the recipe's; none = "
-                                           "the chosen completions)")
+    parser.add_argument("--sft-data", help="SFT JSONL in DATA for that loss, or all: every sft/*.jsonl "
+                                           "(default: the recipe's; none = the chosen completions)")
     parser.add_argument("--sft-batch-size", type=int, help="conversations per step from --sft-data "
                                                            "(default: --batch-size)")
     parser.add_argument("--steps", type=int, default=50)
@@ -340,7 +341,7 @@ def main(argv=None):
                                          str(data / args.data_file))
     labels = torch.tensor([float(r["label"]) for r in records])
     if args.sft_weight and args.sft_data:
-        sft_records = read_jsonl(data / args.sft_data, "sft")
+        sft_records = read_sft_data(data, args.sft_data)
         _, sft_sequences = fitting_records(sft_records, [[render(enc, r["messages"])] for r in sft_records],
                                            args.seq_len, str(data / args.sft_data))
 

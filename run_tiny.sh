@@ -80,11 +80,12 @@ stage python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" 
 RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
 stage python merge.py --search --data "$DATA" --out "$RUNS/rl-soup" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
 
-# polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then SRPO, then
-# online CoPG with 2 generations
+# polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then SRPO with an
+# SFT loss on every capability's data, then online CoPG with 2 generations
 stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/rl-soup" --out "$RUNS/polish-bon" \
     --best-of-n 4 --reward-model "$RUNS/reward" --cross-domain 1.0 "${BEST_OF_N[@]}" "${STEPS[@]}"
-stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/polish-bon" --out "$RUNS/polish-srpo" "${STEPS[@]}"
+stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/polish-bon" --out "$RUNS/polish-srpo" \
+    --sft-data all --sft-weight 1.0 "${STEPS[@]}"
 stage python copg.py --capability instruct --k 2 --data "$DATA" --init "$RUNS/polish-srpo" --out "$RUNS/polished" "${STEPS[@]}"
 
 # the report: every capability of every checkpoint, the reward model's win rate against the instruct model

@@ -413,3 +413,12 @@ def test_cli_trains_the_tokenizer_and_writes_shards(tmp_path):
     assert enc.n_vocab == 500
     texts = [r["text"] for r in data.read_jsonl(tmp_path / "val.jsonl", "text")]
     assert data.open_shard(tmp_path / "val.bin", enc).tolist() == expected_shard(enc, texts)
+
+
+def test_read_sft_data_all_mixes_every_capability(world):
+    one = data.read_sft_data(world, "sft/code.jsonl")
+    assert one == data.read_jsonl(world / "sft" / "code.jsonl", "sft")
+    mixed = data.read_sft_data(world, "all")
+    files = sorted((world / "sft").glob("*.jsonl"))
+    assert len(files) >= 7 and len(mixed) == sum(len(data.read_jsonl(f, "sft")) for f in files)
+    assert {r["capability"] for r in mixed} >= {"instruct", "code", "safety", "rag"}
