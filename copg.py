@@ -60,13 +60,12 @@ from pathlib import Path
 
 import torch
 
-from common import (Logger, all_reduce_sum, autocast, build_model, l2_to_init, load_checkpoint, lr_factor,
-                    make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr, teardown,
-                    whole_model)
-from data import (chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl, read_sft_data,
-                  record_indices, render, render_completion, render_prompt)
+from common import (Logger, all_reduce_sum, build_model, l2_to_init, load_checkpoint, lr_factor, make_optimizer,
+                    open_stage, optimizer_step, save_checkpoint, save_model, set_lr, teardown, whole_model)
+from data import (chat_stop_tokens, parse_reply, prompt_completion_sequence, read_jsonl, record_indices,
+                  render_completion, render_prompt)
 from model import generate
-from prefopt import LR_SCALE, fitting_records, packed_logps, reference_logps
+from prefopt import LR_SCALE, fitting_records, packed_logps, reference_logps, sft_sequences, sft_step_loss
 from reward import load_reward_model
 from reward import score as reward_model_score
 from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, reply_text
@@ -213,9 +212,7 @@ def main(argv=None):
     ref_params = list(reference.parameters()) if reference is not None else \
         [p.detach().clone() for p in model.parameters()] if args.l2_ref else []
     if args.sft_weight:
-        sft_records = read_sft_data(data, args.sft_data)
-        _, sft_sequences = fitting_records(sft_records, [[render(enc, r["messages"])] for r in sft_records],
-                                           args.seq_len, str(data / args.sft_data))
+        sft_data = sft_sequences(enc, data, args.sft_data, args.seq_len)
     if args.eval_before and runtime.is_main:
         print("before CoPG:")
         evaluate_capability(whole_model(model, args.init, runtime), enc, data, args.capability, args.eval_batch_size)
@@ -261,13 +258,7 @@ def main(argv=None):
         loss = copg_loss(logps, ref, rewards, args.beta)
         sft_loss = penalty = torch.zeros((), device=runtime.device)
         if args.sft_weight:  # the hybrid loss: CE on a batch of SFT conversations
-            sft_indices = record_indices(len(sft_sequences), step, args.sft_batch_size, args.seed + 1, runtime.rank,
-                                        runtime.world_size)
-            sft_batch = {k: v.to(runtime.device) for k, v in
-                         pack(enc, [sft_sequences[i][0] for i in sft_indices], args.seq_len).items()}
-            with autocast(runtime):
-                sft_loss = model.loss(sft_batch["tokens"], sft_batch["targets"], sft_batch["doc_ids"],
-                                      sft_batch["positions"])
+            sft_loss = sft_step_loss(model, enc, sft_data, step, args, runtime)
         if args.l2_ref:
             penalty = l2_to_init(model.parameters(), ref_params, args.l2_ref)
         (loss + args.sft_weight * sft_loss + penalty).backward()

@@ -257,6 +257,23 @@ def fitting_records(records: list[dict], sequences: list[list], seq_len: int, wh
     return [records[i] for i in kept], [sequences[i] for i in kept]
 
 
+def sft_sequences(enc, data: Path, name: str, seq_len: int) -> list:
+    """The conversations of --sft-data (a JSONL in DATA, or "all": data.read_sft_data), rendered with their
+    loss masks, those that fit seq_len (the SFT regulariser of prefopt.py and copg.py)."""
+    records = read_sft_data(data, name)
+    return fitting_records(records, [[render(enc, r["messages"])] for r in records], seq_len, str(data / name))[1]
+
+
+def sft_step_loss(model, enc, sequences: list, step: int, args, runtime) -> torch.Tensor:
+    """Cross-entropy of this step's --sft-batch-size conversations of `sequences`, packed into rows of
+    --seq-len (each record once per epoch, disjoint across ranks)."""
+    indices = record_indices(len(sequences), step, args.sft_batch_size, args.seed + 1, runtime.rank,
+                             runtime.world_size)
+    batch = {k: v.to(runtime.device) for k, v in pack(enc, [sequences[i][0] for i in indices], args.seq_len).items()}
+    with autocast(runtime):
+        return model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
+
+
 def evaluate(model, enc, data: Path, args, when: str) -> dict:
     """evaluate_capability on DATA/eval/CAP.jsonl and, with --eval-revisions N, the headline metric after
     1..N self-refinements (revisions_r_METRIC in the result)."""
@@ -341,9 +358,7 @@ def main(argv=None):
                                          str(data / args.data_file))
     labels = torch.tensor([float(r["label"]) for r in records])
     if args.sft_weight and args.sft_data:
-        sft_records = read_sft_data(data, args.sft_data)
-        _, sft_sequences = fitting_records(sft_records, [[render(enc, r["messages"])] for r in sft_records],
-                                           args.seq_len, str(data / args.sft_data))
+        sft_data = sft_sequences(enc, data, args.sft_data, args.seq_len)
 
     # model; reference log-probs from the --init weights, before any step (cached); evaluation before
     model = build_model(config, runtime, args.init, args.seed)
@@ -374,13 +389,7 @@ def main(argv=None):
         loss = pair_losses.mean()
         sft_loss = torch.zeros((), device=runtime.device)
         if args.sft_weight and args.sft_data:  # the safety recipe: CE on a separate SFT set
-            sft_indices = record_indices(len(sft_sequences), step, args.sft_batch_size, args.seed + 1, runtime.rank,
-                                        runtime.world_size)
-            sft_batch = {k: v.to(runtime.device) for k, v in
-                         pack(enc, [sft_sequences[i][0] for i in sft_indices], args.seq_len).items()}
-            with autocast(runtime):
-                sft_loss = model.loss(sft_batch["tokens"], sft_batch["targets"], sft_batch["doc_ids"],
-                                      sft_batch["positions"])
+            sft_loss = sft_step_loss(model, enc, sft_data, step, args, runtime)
         elif args.sft_weight:  # CE of the chosen completions, per token; for SRPO also as revisions, so that
             # π† learns to write them (SRPO's own terms only move log-ratios relative to each other)
             chosen_sums, chosen_counts = (x.view(-1, n_per_pair)[:, chosen_columns] for x in (sums, counts))
