@@ -1,10 +1,10 @@
 """Data plumbing shared by every stage: tokenizer, chat format, JSONL records, token shards, packed batches.
 
 Report §2.3 (a BPE tokenizer with special tokens for chat turns and tool calls) and §3.2.1 (SFT data are
-prompts and completions; the loss is taken on completion tokens only); DESIGN.md §6 and §7.
+prompts and completions; the loss is taken on completion tokens only).
 
-    python data.py tokenizer --data data/tiny --vocab-size 4096   # corpus.jsonl -> data/tiny/tokenizer.json
-    python data.py shards --data data/tiny                         # X.jsonl -> X.bin + X.bin.json, per text file
+    python data.py tokenizer --data data/tiny --vocab-size 4096 # corpus.jsonl -> data/tiny/tokenizer.json
+    python data.py shards --data data/tiny                      # X.jsonl -> X.bin + X.bin.json, per text file
 
 Conventions every stage relies on:
 - Tokenizer: byte-level BPE with the GPT-4 (cl100k) split pattern, as a `tiktoken.Encoding` whose 16 special
@@ -14,7 +14,8 @@ Conventions every stage relies on:
   is always encoded with `encode_ordinary`, so it can never produce a special token: a user who types
   "<|END_OF_TURN_TOKEN|>" gets those characters, not the end of their turn.
 - Chat (`render`): <BOS_TOKEN> once, then <|START_OF_TURN_TOKEN|> role-token body <|END_OF_TURN_TOKEN|> per
-  message. No <EOS_TOKEN> in chat: a reply ends at END_OF_TURN, and generation stops there (`chat_stop_tokens`).
+  message. No <EOS_TOKEN> in chat: a reply ends at END_OF_TURN, and generation stops there
+  (`chat_stop_tokens`).
 - Pretraining shards: every document is <BOS_TOKEN> text <EOS_TOKEN>, back to back in one flat array of
   uint16 (vocab <= 65536) or uint32; a sidecar X.bin.json names dtype, vocab size and tokenizer.
 - Batches are dicts of LongTensors [rows, seq_len]: `tokens`; `targets`, the token to predict after each one,
@@ -43,14 +44,15 @@ import torch
 SPECIAL_TOKENS = [
     "<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>",
     "<|CHATBOT_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_THINKING|>", "<|END_THINKING|>",
-    "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>", "<EOS_TOKEN>", "<PAD>",
+    "<|START_ACTION|>", "<|END_ACTION|>", "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>", "<EOS_TOKEN>",
+    "<PAD>",
 ]
 (BOS, START_OF_TURN, END_OF_TURN, SYSTEM, USER, CHATBOT, START_RESPONSE, END_RESPONSE, START_THINKING,
  END_THINKING, START_ACTION, END_ACTION, START_TOOL_RESULT, END_TOOL_RESULT, EOS, PAD) = SPECIAL_TOKENS
 # cl100k_base's pre-tokenisation: letters, 1-3 digit numbers, punctuation runs and whitespace become separate
 # chunks, and merges never cross a chunk boundary.
-GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-                      r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+GPT4_SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+                      r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 IGNORE = -100
 ROLES = ("system", "user", "chatbot", "tool")
 
@@ -115,7 +117,8 @@ def train_bpe(texts, vocab_size: int = 4096, pat_str: str = GPT4_SPLIT_PATTERN) 
 
 
 def _merge(word: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace each occurrence of `pair` in `word`, left to right (as tiktoken's encoder does), by `new_id`."""
+    """Replace each occurrence of `pair` in `word`, left to right (as tiktoken's encoder does), by
+    `new_id`."""
     merged, i = [], 0
     while i < len(word):
         if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
@@ -135,7 +138,8 @@ def build_encoding(name: str, pat_str: str, ranks: dict[bytes, int]) -> tiktoken
 
 
 def save_tokenizer(path, ranks: dict[bytes, int], pat_str: str = GPT4_SPLIT_PATTERN):
-    """Write the tokenizer as JSON: the split pattern, token bytes (base64) in rank order, the special tokens."""
+    """Write the tokenizer as JSON: the split pattern, token bytes (base64) in rank order, the special
+    tokens."""
     tokens = sorted(ranks, key=ranks.get)
     assert [ranks[t] for t in tokens] == list(range(len(tokens))), "ranks must be 0..n-1"
     saved = {"pat_str": pat_str, "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
@@ -149,7 +153,8 @@ def load_tokenizer(spec: str) -> tiktoken.Encoding:
     A saved tokenizer is named after a hash of its file, so a shard can tell which tokenizer wrote it.
     """
     if spec in tiktoken.list_encoding_names():
-        base = tiktoken.get_encoding(spec)  # downloads its ranks at first use (tiktoken's README way to extend)
+        # downloads its ranks at first use (tiktoken's README way to extend)
+        base = tiktoken.get_encoding(spec)
         return build_encoding(spec, base._pat_str, base._mergeable_ranks)
     path = Path(spec)
     if not path.is_file():
@@ -181,7 +186,8 @@ def render(enc: tiktoken.Encoding, messages: list[dict]) -> tuple[list[int], lis
     <BOS_TOKEN>
     system:  <|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>content<|END_OF_TURN_TOKEN|>
     user:    <|START_OF_TURN_TOKEN|><|USER_TOKEN|>content<|END_OF_TURN_TOKEN|>
-    tool:    <|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><|START_TOOL_RESULT|>content<|END_TOOL_RESULT|><|END_OF_TURN_TOKEN|>
+    tool:    <|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|><|START_TOOL_RESULT|>content<|END_TOOL_RESULT|>
+             <|END_OF_TURN_TOKEN|>
     chatbot: <|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>[<|START_THINKING|>thinking<|END_THINKING|>]
              [<|START_ACTION|>tool_calls as JSON<|END_ACTION|>][<|START_RESPONSE|>content<|END_RESPONSE|>]
              <|END_OF_TURN_TOKEN|>   (the response part is left out only when content is empty and there
@@ -213,7 +219,8 @@ def _reply(enc: tiktoken.Encoding, message: dict) -> list[int]:
     if message.get("thinking"):
         ids += [tok(START_THINKING), *text(message["thinking"]), tok(END_THINKING)]
     if message.get("tool_calls"):
-        ids += [tok(START_ACTION), *text(json.dumps(message["tool_calls"], ensure_ascii=False)), tok(END_ACTION)]
+        ids += [tok(START_ACTION), *text(json.dumps(message["tool_calls"], ensure_ascii=False)),
+                tok(END_ACTION)]
     if message["content"] or not message.get("tool_calls"):
         ids += [tok(START_RESPONSE), *text(message["content"]), tok(END_RESPONSE)]
     return ids + [tok(END_OF_TURN)]
@@ -221,10 +228,12 @@ def _reply(enc: tiktoken.Encoding, message: dict) -> list[int]:
 
 def render_prompt(enc: tiktoken.Encoding, messages: list[dict]) -> list[int]:
     """The conversation so far followed by the chatbot's turn opener: generation continues with its reply."""
-    return render(enc, messages)[0] + [enc.encode_single_token(START_OF_TURN), enc.encode_single_token(CHATBOT)]
+    return render(enc, messages)[0] + [enc.encode_single_token(START_OF_TURN),
+                                       enc.encode_single_token(CHATBOT)]
 
 
-def render_completion(enc: tiktoken.Encoding, messages: list[dict], completion) -> tuple[list[int], list[int]]:
+def render_completion(enc: tiktoken.Encoding, messages: list[dict],
+                      completion) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) for a completion (a string, the response text, or a chatbot message) to
     the prompt `messages`. The completion ids are what a model sampling from `render_prompt` writes: the
     reply's markers and END_OF_TURN included; prompt + completion == render(messages + [reply])[0]."""
@@ -232,7 +241,8 @@ def render_completion(enc: tiktoken.Encoding, messages: list[dict], completion) 
     return render_prompt(enc, messages), _reply(enc, reply)
 
 
-def prompt_completion_sequence(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
+def prompt_completion_sequence(prompt_ids: list[int],
+                               completion_ids: list[int]) -> tuple[list[int], list[int]]:
     """(ids, loss_mask) of prompt + completion, loss on the completion only: the input of `pack`."""
     return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
@@ -247,7 +257,8 @@ def parse_reply(enc: tiktoken.Encoding, completion_ids: list[int]) -> dict:
     "ended": whether END_OF_TURN was written}. Lenient with malformed output: a section runs until any other
     special token, and text outside a section is dropped (writing the format is part of what SFT teaches)."""
     tok = enc.encode_single_token
-    section_of = {tok(START_THINKING): "thinking", tok(START_ACTION): "action", tok(START_RESPONSE): "response"}
+    section_of = {tok(START_THINKING): "thinking", tok(START_ACTION): "action",
+                  tok(START_RESPONSE): "response"}
     special_ids, end_of_turn = {tok(token) for token in SPECIAL_TOKENS}, tok(END_OF_TURN)
     sections, current, ended = {"thinking": None, "action": None, "response": None}, None, False
     for token in completion_ids:
@@ -261,11 +272,21 @@ def parse_reply(enc: tiktoken.Encoding, completion_ids: list[int]) -> dict:
             current = None
         elif current:
             sections[current].append(token)
-    return {name: None if ids is None else enc.decode(ids) for name, ids in sections.items()} | {"ended": ended}
+    return {name: None if ids is None else enc.decode(ids)
+            for name, ids in sections.items()} | {"ended": ended}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# JSONL records (DESIGN §7). One checker per kind; `read_jsonl` adds "file:line: " to what it raises.
+# JSONL records, one JSON object per line, of five kinds (extra keys such as "capability" are allowed):
+#   text    {"text": str}                                           pretraining documents
+#   sft     {"messages": [...]}, with at least one chatbot message   the loss is on the chatbot turns
+#   pair    {"messages", "chosen", "rejected", "label"}              label = P(chosen preferred), in [0.5, 1]
+#   group   {"messages", "completions": [k >= 2], "rewards": [k]}    offline CoPG
+#   prompt  {"messages", "task": str, "check": {...}}                graded by verifiers.grade
+# A message is {"role": system|user|chatbot|tool, "content": str}; a chatbot message may add "thinking": str
+# and "tool_calls": [{"tool_name": str, "parameters": {...}}]. A prompt's messages end with a user or tool
+# message; a completion is the response text or a whole chatbot message. One checker per kind; `read_jsonl`
+# adds "file:line: " to what it raises.
 
 def read_jsonl(path, kind: str) -> list[dict]:
     """All records of a JSONL file of `kind` ("text", "sft", "pair", "group" or "prompt"), each checked.
@@ -288,8 +309,8 @@ def read_jsonl(path, kind: str) -> list[dict]:
 
 
 def read_sft_data(data, name: str) -> list[dict]:
-    """The conversations of the SFT JSONL DATA/NAME, or, for NAME "all", of every DATA/sft/*.jsonl: a mixed set
-    that keeps every capability in view while a stage trains on one (`prefopt.py --sft-data all`)."""
+    """The conversations of the SFT JSONL DATA/NAME, or, for NAME "all", of every DATA/sft/*.jsonl: a mixed
+    set that keeps every capability in view while a stage trains on one (`prefopt.py --sft-data all`)."""
     paths = sorted((Path(data) / "sft").glob("*.jsonl")) if name == "all" else [Path(data) / name]
     return [record for path in paths for record in read_jsonl(path, "sft")]
 
@@ -321,7 +342,8 @@ def check_message(message, where: str):
     if "tool_calls" in message:
         for j, call in enumerate(_field(message, "tool_calls", list, where)):
             if not isinstance(call, dict) or set(call) != {"tool_name", "parameters"}:
-                raise ValueError(f'{where}.tool_calls[{j}]: must be {{"tool_name": ..., "parameters": {{...}}}}')
+                raise ValueError(f'{where}.tool_calls[{j}]: must be '
+                                 f'{{"tool_name": ..., "parameters": {{...}}}}')
             _field(call, "tool_name", str, f"{where}.tool_calls[{j}]")
             _field(call, "parameters", dict, f"{where}.tool_calls[{j}]")
 
@@ -343,7 +365,8 @@ def check_completion(completion, where: str):
     if isinstance(completion, str):
         return
     if not isinstance(completion, dict) or completion.get("role") != "chatbot":
-        raise ValueError(f"{where}: a completion must be a string or a chatbot message, got {completion!r:.60}")
+        raise ValueError(f"{where}: a completion must be a string or a chatbot message, "
+                         f"got {completion!r:.60}")
     check_message(completion, where)
 
 
@@ -415,12 +438,13 @@ def open_shard(path, enc: tiktoken.Encoding) -> np.memmap:
     path = Path(path)
     sidecar_path = path.with_name(path.name + ".json")
     if not sidecar_path.is_file():
-        raise FileNotFoundError(f"{path}: no sidecar {sidecar_path}; write shards with: python data.py shards")
+        raise FileNotFoundError(f"{path}: no sidecar {sidecar_path}; "
+                                f"write shards with: python data.py shards")
     sidecar = json.loads(sidecar_path.read_text())
     needed = token_dtype(enc.n_vocab)
     if sidecar["dtype"] != needed.name:
-        raise ValueError(f"{path}: shard of the wrong dtype: {sidecar['dtype']}, but the tokenizer {enc.name} "
-                         f"({enc.n_vocab} tokens) needs {needed.name}")
+        raise ValueError(f"{path}: shard of the wrong dtype: {sidecar['dtype']}, but the tokenizer "
+                         f"{enc.name} ({enc.n_vocab} tokens) needs {needed.name}")
     if sidecar["tokenizer"] != enc.name:
         raise ValueError(f"{path}: written with tokenizer {sidecar['tokenizer']}, not {enc.name}; "
                          f"rewrite it with: python data.py shards")
@@ -438,9 +462,11 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def record_indices(n: int, step: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> list[int]:
-    """Indices of the n records in batch `step` of this rank: each epoch visits them in a fresh seeded order and
-    the ranks take consecutive slices. A pure function of its arguments, so resuming at a step is exact."""
+def record_indices(n: int, step: int, batch_size: int, seed: int = 0, rank: int = 0,
+                   world_size: int = 1) -> list[int]:
+    """Indices of the n records in batch `step` of this rank: each epoch visits them in a fresh seeded order
+    and the ranks take consecutive slices. A pure function of its arguments, so resuming at a step is
+    exact."""
     indices = []
     for i in range(batch_size):
         epoch, index = divmod((step * world_size + rank) * batch_size + i, n)
@@ -450,12 +476,13 @@ def record_indices(n: int, step: int, batch_size: int, seed: int = 0, rank: int 
 
 def shard_batch(enc: tiktoken.Encoding, shard: np.ndarray, step: int, batch_size: int, seq_len: int,
                 seed: int = 0, rank: int = 0, world_size: int = 1) -> dict:
-    """Batch number `step` of this rank: `batch_size` rows of `seq_len` tokens from a seeded pass over `shard`.
+    """Batch number `step` of this rank: `batch_size` rows of `seq_len` tokens from a seeded pass over
+    `shard`.
 
     The shard is cut into windows of seq_len + 1 tokens overlapping by one (every token is a target once per
-    epoch); each epoch visits them in a fresh seeded order, and the world's ranks take consecutive slices of it.
-    A pure function of its arguments: to resume exactly, save the step (`{"step": step}`) and call again.
-    Documents may straddle rows; positions restart at the row start for such a piece, which changes
+    epoch); each epoch visits them in a fresh seeded order, and the world's ranks take consecutive slices
+    of it. A pure function of its arguments: to resume exactly, save the step (`{"step": step}`) and call
+    again. Documents may straddle rows; positions restart at the row start for such a piece, which changes
     nothing, since RoPE sees only differences of positions and the full-attention layers have none.
     """
     n_windows = (len(shard) - 1) // seq_len
@@ -548,14 +575,16 @@ def group_batch(enc: tiktoken.Encoding, records: list[dict], seq_len: int) -> di
 # Command line
 
 def main():
-    parser = argparse.ArgumentParser(description="Train the tokenizer, or write token shards (DESIGN §6-7).")
+    parser = argparse.ArgumentParser(description="Train the tokenizer, or write token shards.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default="data/tiny", help="folder of the text JSONL files; outputs go there")
+    common.add_argument("--data", default="data/tiny",
+                        help="folder of the text JSONL files; outputs go there")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("tokenizer", parents=[common], help="train a BPE: writes DATA/tokenizer.json")
     train.add_argument("--files", nargs="+", default=["corpus.jsonl"], help="text JSONL files to train on")
     train.add_argument("--vocab-size", type=int, default=4096, help="256 bytes + merges + 16 special tokens")
-    shards = commands.add_parser("shards", parents=[common], help="tokenize each X.jsonl into X.bin + X.bin.json")
+    shards = commands.add_parser("shards", parents=[common],
+                                 help="tokenize each X.jsonl into X.bin + X.bin.json")
     shards.add_argument("--files", nargs="+", default=["corpus.jsonl", "corpus_long.jsonl", "val.jsonl"])
     shards.add_argument("--tokenizer", help="tokenizer file or tiktoken name (default: DATA/tokenizer.json)")
     args = parser.parse_args()

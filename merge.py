@@ -1,64 +1,45 @@
 """
-Merging (report §3.4): expert models trained in parallel from one parent become one model by averaging their
-weights. Every merge the report uses is linear, θ = Σ w_i θ_i with Σ w_i = 1:
+Merging (report §3.4): experts trained in parallel from one parent become one model by averaging their
+weights. Every merge the report uses is linear, θ = Σ w_i θ_i with Σ w_i = 1: soups of experts (--weights),
+seed merging (uniform), Polyak averaging of one run's checkpoints, interpolation toward a parent (CHILD PARENT
+--weights 0.7 0.3), and task arithmetic (BASE E1 E2 --weights 1−Nλ λ λ). SLERP (--method slerp, two models) is
+a comparison.
 
-    soup of experts                 python merge.py --out OUT --models E1 E2 ... E7 --weights 0.2 0.1 ...
-    seed merging (uniform)          python merge.py --out OUT --models SEED0 SEED1
-    Polyak averaging                python merge.py --out OUT --models RUN/step300 RUN/step400 RUN/step500
-    interpolation toward a parent   python merge.py --out OUT --models CHILD PARENT --weights 0.7 0.3
-      (capability recovery, WARP-style: pull an RL expert part of the way back to its SFT parent)
-    task arithmetic (comparison)    base + λ Σ (θ_i − base) is the linear merge with weights (1 − Nλ, λ, ..., λ):
-                                    python merge.py --out OUT --models BASE E1 E2 --weights 0.4 0.3 0.3
+How this differs from the report:
+1. --search (§3.4.3.1, §3.4.3.3) scores a candidate by its mean retention: each domain's headline metric over
+   its expert's (capped at 1). It tries the start, every leave-one-out merge (which shows "collisions"), then
+   the report's moves: upweight the weakest domain's experts (by 0.2, 0.4, 0.8), then random log-normal
+   perturbations, until --budget candidates; the report describes the moves, not an algorithm.
+2. Inputs are streamed: each tensor is read alone from its torch.save archive, so the peak memory is the
+   output model plus one input tensor (`python bench.py merge` measures it). Inputs whose configs, tokenizers,
+   tensor names or shapes differ are refused with a message naming the difference.
 
-SLERP (`--method slerp`, two models, comparison only) interpolates each tensor along the great circle between
-the two, which keeps its norm where a linear merge of dissimilar tensors shrinks it.
+Writes OUT/model.pt and config.json (with the weights); --search also writes OUT/search.jsonl, one line per
+candidate, which a restarted search with the same models, data and settings replays.
 
-Streaming: the inputs are never loaded whole. Each checkpoint's tensors are read one at a time straight from its
-torch.save zip archive, so the peak memory is the output model plus one input tensor, whatever the number of
-experts (`python merge.py --bench` measures it). Inputs whose model configs, tokenizers, tensor names or shapes
-differ are refused with a message that names the difference.
-
-Weight search (`--search`, §3.4.3.1 and §3.4.3.3): the soup's weights are searched, each candidate scored by
-evaluate.py on every domain its experts cover. A model's domain is its --capability (config.json); a domain is
-scored by its retention, the candidate's headline metric over the best expert's (capped at 1), and a candidate
-by its mean retention. The search evaluates the starting weights (--weights, else uniform), then every
-leave-one-out merge (which reveals "collisions": an expert whose removal raises another domain's score), then
-makes the report's two moves until the evaluation budget is spent: upweight the experts of the weakest domain
-of the best candidate so far (by 0.2, 0.4, then 0.8 before renormalising; then the next weakest), and, once
-each was tried from that candidate, perturb its weights at random (log-normal, renormalised). Evaluation, not
-merging, is the cost: --budget counts the candidates, --limit the eval records per domain. Like evaluate.py,
-the search runs in one process on the CPU: it is meant for models that fit there.
-
-    python merge.py --search --out runs/tiny/sft-soup --models runs/tiny/instruct runs/tiny/sft-{rag,code,safety}
-
-Writes the best merge to OUT (config.json records its weights and the search) and one line per candidate to
-OUT/search.jsonl. A restarted search replays the candidates already in OUT/search.jsonl (same models, data and
-settings) instead of evaluating them again.
+    python merge.py --out runs/tiny/sft-code --models runs/tiny/sft-code-seed0 runs/tiny/sft-code-seed1
+    python merge.py --search --out runs/tiny/soup --models runs/tiny/instruct runs/tiny/sft-{rag,code,safety}
 """
 
-import argparse
 import hashlib
 import json
 import math
-import os
 import pickle
 import random
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from common import atomic_save, load_config, model_path
-from model import PRESETS, Config, Transformer
+from common import argument_parser, atomic_save, load_config, model_path, write_json
+from data import load_tokenizer
+from evaluate import HEADLINE, evaluate_capability
+from model import Config, Transformer
 
-
-STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
-                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                  "BoolStorage": torch.bool}
+STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16,
+                  "HalfStorage": torch.float16, "DoubleStorage": torch.float64, "LongStorage": torch.int64,
+                  "IntStorage": torch.int32, "BoolStorage": torch.bool}
 
 
 class LazyCheckpoint:
@@ -77,7 +58,8 @@ class LazyCheckpoint:
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
                 if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-                    return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
+                    return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size),
+                                                                      tuple(stride))
                 if (module, name) == ("collections", "OrderedDict"):
                     return OrderedDict
                 if module == "torch" and name in STORAGE_DTYPES:
@@ -99,7 +81,8 @@ class LazyCheckpoint:
 
 
 def tokenizer_digest(info: dict) -> str:
-    """What identifies a checkpoint's tokenizer: the sha256 of its file (paths may differ between machines)."""
+    """What identifies a checkpoint's tokenizer: the sha256 of its file (paths may differ between
+    machines)."""
     path = Path(info["tokenizer"])
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"missing file {path}"
 
@@ -113,10 +96,11 @@ def check_compatible(paths, infos, checkpoints):
                 raise ValueError(f"{path}: model config {field} = {info['model'][field]}, but {first} has "
                                  f"{first_info['model'][field]}")
         if tokenizer_digest(info) != tokenizer_digest(first_info):
-            raise ValueError(f"{path}: tokenizer {info['tokenizer']} differs from {first}'s {first_info['tokenizer']}")
+            raise ValueError(f"{path}: tokenizer {info['tokenizer']} differs from "
+                             f"{first}'s {first_info['tokenizer']}")
         if set(ckpt.entries) != set(first_ckpt.entries):
-            raise ValueError(f"{path}: tensors {sorted(set(ckpt.entries) ^ set(first_ckpt.entries))[:3]} are not in "
-                             f"both {path} and {first}")
+            raise ValueError(f"{path}: tensors {sorted(set(ckpt.entries) ^ set(first_ckpt.entries))[:3]} "
+                             f"are not in both {path} and {first}")
         for name in first_ckpt.entries:
             if ckpt.shape(name) != first_ckpt.shape(name):
                 raise ValueError(f"{path}: tensor {name} has shape {ckpt.shape(name)}, {first} has "
@@ -131,13 +115,14 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torc
     omega = torch.arccos(cos)
     if omega < 1e-4 or a_norm < eps or b_norm < eps:
         return (1 - t) * a + t * b
-    direction = (torch.sin((1 - t) * omega) * a / a_norm + torch.sin(t * omega) * b / b_norm) / torch.sin(omega)
+    direction = (torch.sin((1 - t) * omega) * a / a_norm
+                 + torch.sin(t * omega) * b / b_norm) / torch.sin(omega)
     return direction * ((1 - t) * a_norm + t * b_norm)
 
 
 def merge(paths, weights=None, method="linear", normalize=False) -> tuple[dict, dict]:
-    """The merged state dict and the first input's config.json. Linear: Σ w_i θ_i, accumulated one input tensor
-    at a time (uniform weights by default). SLERP: two models, t = weights[1]."""
+    """The merged state dict and the first input's config.json. Linear: Σ w_i θ_i, accumulated one input
+    tensor at a time (uniform weights by default). SLERP: two models, t = weights[1]."""
     infos = [load_config(p) for p in paths]
     checkpoints = [LazyCheckpoint(model_path(p)) for p in paths]
     check_compatible(paths, infos, checkpoints)
@@ -167,8 +152,8 @@ def model_domain(info: dict) -> str | None:
 
 
 def write_merge(out, merged: dict, info: dict, paths, weights, method, **extra):
-    """OUT/model.pt and OUT/config.json. The merge keeps a capability when the inputs that name one all name the
-    same (seed merging, interpolation toward an unnamed parent), so a search can still tell its domain."""
+    """OUT/model.pt and OUT/config.json. The merge keeps a capability when the inputs that name one all name
+    the same (seed merging, interpolation toward an unnamed parent), so a search can still tell its domain."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(merged, out / "model.pt")
@@ -176,10 +161,8 @@ def write_merge(out, merged: dict, info: dict, paths, weights, method, **extra):
     args = {"method": method, "weights": weights, **extra}
     if len(capabilities) == 1:
         args["capability"] = capabilities.pop()
-    record = info | {"stage": "merge", "parent": [str(p) for p in paths], "args": args}
-    partial = out / "config.json.tmp"
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, out / "config.json")
+    write_json(info | {"stage": "merge", "parent": [str(p) for p in paths], "args": args},
+               out / "config.json")
 
 
 # -----------------------------------------------------------------------------
@@ -193,20 +176,22 @@ def normalized(weights) -> list[float]:
 
 def search_weights(domains: list, score, budget: int, start=None, step: float = 0.2, sigma: float = 0.3,
                    seed: int = 0, log=None, cache: dict | None = None) -> tuple[dict, list[dict]]:
-    """Search merge weights for models whose domains are `domains` (one per model, None for none). `score(weights,
-    names)` evaluates the merge with those weights on the named domains and returns {domain: headline metric}.
+    """Search merge weights for models whose domains are `domains` (one per model, None for none).
+    `score(weights, names)` evaluates the merge with those weights on the named domains and returns
+    {domain: headline metric}.
 
     Each expert is scored alone on its domain first (the reference; domains whose experts all score 0 have
     nothing to retain and are left out). Then `budget` candidates: the start (uniform by default), the
-    leave-one-out merges, then the best candidate so far with its weakest domain's experts upweighted by `step`,
-    2 `step` or 4 `step` (a capability can need a large share before it shows at all), then the next weakest
-    domain, or, once every lagging domain was tried from this candidate, with each weight perturbed by a factor
-    exp(sigma · N(0, 1)). Weights are renormalised to sum to 1; a candidate replaces the best only if better.
-    Returns the best candidate and all of them; each is {"kind", "weights", "scores", "retention", "objective"}.
-    Every evaluation is written as a JSON line to `log`; `cache` holds earlier ones (a restart replays them)."""
+    leave-one-out merges, then the best candidate so far with its weakest domain's experts upweighted by
+    `step`, 2 `step` or 4 `step` (a capability can need a large share before it shows at all), then the next
+    weakest domain, or, once every lagging domain was tried from this candidate, with each weight perturbed by
+    a factor exp(sigma · N(0, 1)). Weights are renormalised to sum to 1; a candidate replaces the best only if
+    better. Returns the best candidate and all of them; each is
+    {"kind", "weights", "scores", "retention", "objective"}. Every evaluation is written as a JSON line to
+    `log`; `cache` holds earlier ones (a restart replays them)."""
     n, rng, cache = len(domains), random.Random(seed), {} if cache is None else cache
 
-    def evaluated(weights, names) -> dict:
+    def cached_scores(weights, names) -> dict:
         key = search_key(weights, names)
         if key not in cache:
             cache[key] = score(weights, names)
@@ -222,34 +207,38 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     for i, domain in enumerate(domains):
         if domain is not None:
             alone = [float(j == i) for j in range(n)]
-            record = logged({"kind": f"expert {i} alone", "weights": alone, "scores": evaluated(alone, [domain])})
+            record = logged({"kind": f"expert {i} alone", "weights": alone,
+                             "scores": cached_scores(alone, [domain])})
             reference[domain] = max(reference.get(domain, 0.0), record["scores"][domain])
     scored = [d for d, value in reference.items() if value > 0]
     if not scored:
-        print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, the start is kept")
+        print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, "
+              "the start is kept")
         kept = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
                 "objective": 0.0}
         return kept, [kept]
     print("expert scores: " + ", ".join(f"{d} {v:.3f}" for d, v in reference.items())
-          + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})" if len(scored) < len(reference) else ""))
+          + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})"
+             if len(scored) < len(reference) else ""))
     candidates = []
 
-    def evaluate(weights, kind):
+    def try_candidate(weights, kind):
         weights = normalized(weights)
-        scores = evaluated(weights, scored)
+        scores = cached_scores(weights, scored)
         retention = {d: min(1.0, scores[d] / reference[d]) for d in scored}
         candidate = logged({"kind": kind, "weights": weights, "scores": scores, "retention": retention,
                             "objective": sum(retention.values()) / len(scored)})
         candidates.append(candidate)
-        print(f"candidate {len(candidates)}/{budget} ({kind}): mean retention {candidate['objective']:.3f}, weights "
-              + " ".join(f"{w:.3f}" for w in weights))
+        print(f"candidate {len(candidates)}/{budget} ({kind}): mean retention {candidate['objective']:.3f}, "
+              "weights " + " ".join(f"{w:.3f}" for w in weights))
         return candidate
 
-    best = first = evaluate(start or [1.0] * n, "start")
+    best = first = try_candidate(start or [1.0] * n, "start")
     for i in range(n if n > 2 else 0):
         if len(candidates) >= budget:
             break
-        left_out = evaluate([w if j != i else 0.0 for j, w in enumerate(first["weights"])], f"leave out {i}")
+        left_out = try_candidate([w if j != i else 0.0 for j, w in enumerate(first["weights"])],
+                                 f"leave out {i}")
         for domain in scored:  # a collision: removing expert i helps another domain
             if domains[i] != domain and left_out["scores"][domain] > first["scores"][domain]:
                 print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
@@ -260,14 +249,17 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
         lagging = sorted((d for d in scored if best["retention"][d] < 1), key=lambda d: best["retention"][d])
         moves = [(search_key(best["weights"], []), d, k) for d in lagging for k in range(3)]
         moves = [move for move in moves if move not in tried]
-        if moves:  # the heuristic: upweight the weakest domain, by step, 2 step, 4 step; then the next weakest
+        if moves:
+            # the heuristic: upweight the weakest domain, by step, 2 step, 4 step; then the next weakest
             tried.add(moves[0])
             _, weakest, k = moves[0]
             amount = step * 2 ** k
-            weights = [w + amount / domains.count(weakest) * (d == weakest) for w, d in zip(best["weights"], domains)]
-            candidate = evaluate(weights, f"upweight {weakest} by {amount:g}")
+            weights = [w + amount / domains.count(weakest) * (d == weakest)
+                       for w, d in zip(best["weights"], domains)]
+            candidate = try_candidate(weights, f"upweight {weakest} by {amount:g}")
         else:  # brute force: perturb around the best candidate
-            candidate = evaluate([w * math.exp(sigma * rng.gauss(0, 1)) for w in best["weights"]], "perturb")
+            candidate = try_candidate([w * math.exp(sigma * rng.gauss(0, 1)) for w in best["weights"]],
+                                      "perturb")
         if candidate["objective"] > best["objective"]:
             best = candidate
     return best, candidates
@@ -280,9 +272,6 @@ def search_key(weights, names) -> str:
 def capability_scorer(paths, data, limit, batch_size: int = 16):
     """score(weights, domains) for search_weights: merge the models in memory, evaluate each domain's headline
     metric on the first `limit` records of DATA/eval/DOMAIN.jsonl (greedy, as evaluate.py)."""
-    from data import load_tokenizer
-    from evaluate import HEADLINE, evaluate_capability
-
     enc = load_tokenizer(str(Path(data) / "tokenizer.json"))
     config = Config(**load_config(paths[0])["model"])
 
@@ -334,68 +323,28 @@ def run_search(args):
                         "retention": best["retention"], "objective": best["objective"]})
 
 
-# -----------------------------------------------------------------------------
-# Benchmark: peak memory of merging 7 `small` checkpoints, against one model's size
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM: since its exec, unlike getrusage's ru_maxrss)."""
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
-
-
-def child_peak_rss_mib(code: str, *argv) -> float:
-    output = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout
-    return float(output.split()[-1])
-
-
-def bench(n_models: int, preset: str):
-    config = PRESETS[preset]
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = Path(tmp) / "tokenizer.json"
-        tokenizer.write_text("{}")
-        paths = []
-        for i in range(n_models):
-            torch.manual_seed(i)
-            model_dir = Path(tmp) / f"expert{i}"
-            model_dir.mkdir()
-            torch.save(Transformer(config).state_dict(), model_dir / "model.pt")
-            info = {"stage": "bench", "preset": preset, "model": config.__dict__, "tokenizer": str(tokenizer)}
-            (model_dir / "config.json").write_text(json.dumps(info))
-            paths.append(str(model_dir))
-        model_mib = config.num_params() * 4 / 2**20
-        # the baseline child imports what the merge imports (torch alone is a few hundred MiB) and stops
-        baseline = child_peak_rss_mib("import merge; print(merge.peak_rss_mib())")
-        peak = child_peak_rss_mib("import sys, merge; merge.main(sys.argv[1:]); print(merge.peak_rss_mib())",
-                                  "--out", str(Path(tmp) / "soup"), "--models", *paths)
-    print(f"merging {n_models} `{preset}` checkpoints of {model_mib:.0f} MiB each ({n_models * model_mib:.0f} MiB):")
-    print(f"  peak RSS {peak:.0f} MiB, of which {baseline:.0f} MiB is the interpreter with torch imported")
-    print(f"  merge memory {peak - baseline:.0f} MiB = {(peak - baseline) / model_mib:.2f}x one model "
-          f"(the output model plus one input tensor at a time)")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", help="the --out folders (or model.pt files) of the models to merge")
-    parser.add_argument("--weights", type=float, nargs="+", help="one per model, summing to 1 (default: uniform)")
-    parser.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
-    parser.add_argument("--method", default="linear", choices=["linear", "slerp"])
-    parser.add_argument("--out", help="where to write model.pt and config.json")
-    parser.add_argument("--search", action="store_true", help="search the weights, scoring merges with evaluate.py")
-    parser.add_argument("--domains", nargs="+", help="--search: each model's domain (default: its --capability)")
-    parser.add_argument("--data", default="data/tiny", help="--search: the data folder with eval/ and tokenizer.json")
-    parser.add_argument("--budget", type=int, default=40, help="--search: candidate merges to evaluate")
-    parser.add_argument("--limit", type=int, default=24, help="--search: eval records per domain and candidate")
-    parser.add_argument("--step", type=float, default=0.2, help="--search: weight added to the weakest domain")
-    parser.add_argument("--sigma", type=float, default=0.3, help="--search: log-normal perturbation scale")
-    parser.add_argument("--seed", type=int, default=0, help="--search: seed of the perturbations")
-    parser.add_argument("--bench", action="store_true", help="measure the peak memory of a 7-expert merge")
-    parser.add_argument("--bench-models", type=int, default=7)
-    parser.add_argument("--bench-preset", default="small", choices=PRESETS)
+    parser = argument_parser(__doc__)
+    what = parser.add_argument_group("the merge")
+    what.add_argument("--models", nargs="+",
+                      help="the --out folders (or model.pt files) of the models to merge")
+    what.add_argument("--weights", type=float, nargs="+",
+                      help="one per model, summing to 1 (default: uniform)")
+    what.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
+    what.add_argument("--method", default="linear", choices=["linear", "slerp"],
+                      help="linear, or SLERP of two")
+    what.add_argument("--out", help="where to write model.pt and config.json")
+    search = parser.add_argument_group("weight search (§3.4.3)")
+    search.add_argument("--search", action="store_true",
+                        help="search the weights, scoring merges with evaluate.py")
+    search.add_argument("--domains", nargs="+", help="each model's domain (default: its --capability)")
+    search.add_argument("--data", default="data/tiny", help="the data folder with eval/ and tokenizer.json")
+    search.add_argument("--budget", type=int, default=40, help="candidate merges to evaluate")
+    search.add_argument("--limit", type=int, default=24, help="eval records per domain and candidate")
+    search.add_argument("--step", type=float, default=0.2, help="weight added to the weakest domain")
+    search.add_argument("--sigma", type=float, default=0.3, help="log-normal perturbation scale")
+    search.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
     args = parser.parse_args(argv)
-    if args.bench:
-        return bench(args.bench_models, args.bench_preset)
     if not (args.models and args.out):
         parser.error("--models and --out are required")
     if args.search:

@@ -8,25 +8,21 @@ positional embedding (NoPE). GQA, SwiGLU, no biases, tied input/output embedding
 
 Because the block is parallel, attention and MLP read the same normalised input: we fuse q, k, v, gate and up
 into one matmul (`in_proj`) and the attention output and MLP down projections into another (`out_proj`), as in
-PaLM. Two large matmuls per block instead of seven is the throughput win of the parallel block the report cites.
-`convert_cohere2_state_dict` maps Cohere2's separate projections onto the fused ones.
+PaLM. Two large matmuls per block instead of seven is the throughput win of the parallel block the report
+cites. `convert_cohere2_state_dict` maps Cohere2's separate projections onto the fused ones.
 
 Also here: FP8 block matmuls with dynamic tensorwise scaling (§2.4.1), the KV-cache generator in which
 sliding-window layers keep a rolling buffer of `window` keys, and parameter and FLOP counts that need no
-allocation (the 111B preset builds on the meta device).
-
-    python model.py --bench        tokens/s against transformers' Cohere2ForCausalLM, KV-cache bytes
+allocation (the 111B preset builds on the meta device). `python bench.py model` times it against
+transformers' Cohere2ForCausalLM.
 """
 
-import argparse
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 # -----------------------------------------------------------------------------
 # Config and presets
@@ -47,7 +43,8 @@ class Config:
     logit_scale: float = 0.25
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # µP (report §2.4; Yang et al. 2021): the width whose hyper-parameters transfer; None = standard parametrisation
+    # µP (report §2.4; Yang et al. 2021): the width whose hyper-parameters transfer; None = standard
+    # parametrisation
     mup_base_dim: int | None = None
 
     def __post_init__(self):
@@ -58,7 +55,8 @@ class Config:
         if self.dim % self.n_heads:
             raise ValueError(f"Config.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"Config.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(f"Config.n_heads ({self.n_heads}) must be divisible by n_kv_heads "
+                             f"({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"Config.dim / n_heads = {self.head_dim} must be even: RoPE rotates pairs")
         if self.mup_base_dim is not None and self.mup_base_dim <= 0:
@@ -76,7 +74,8 @@ class Config:
     @property
     def output_scale(self) -> float:
         """The logit multiplier: logit_scale, divided by width_mult under µP (µP's readout multiplier 1/width,
-        which keeps logits O(1) as the width grows; with tied embeddings the table itself keeps an O(1) init)."""
+        which keeps logits O(1) as the width grows; with tied embeddings the table itself keeps an O(1)
+        init)."""
         return self.logit_scale / self.width_mult
 
     def is_sliding(self, layer: int) -> bool:
@@ -94,9 +93,11 @@ class Config:
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), PaLM's accounting: 6 per matmul weight plus
         12 * n_heads * head_dim * context per layer for QK^T and AV, where a sliding layer's context is
-        min(seq_len, window). Every matmul weight counts, the tied embedding once (as the output projection)."""
+        min(seq_len, window). Every matmul weight counts, the tied embedding once (as the output
+        projection)."""
         matmul_params = self.num_params() - (self.n_layers + 1) * self.dim
-        context = sum(min(seq_len, self.window) if self.is_sliding(i) else seq_len for i in range(self.n_layers))
+        context = sum(min(seq_len, self.window) if self.is_sliding(i) else seq_len
+                      for i in range(self.n_layers))
         return 6 * matmul_params + 12 * self.n_heads * self.head_dim * context
 
     @classmethod
@@ -107,7 +108,8 @@ class Config:
         n_layers = hf_config["num_hidden_layers"]
         full_every = hf_config.get("sliding_window_pattern", 4)
         layer_types = hf_config.get("layer_types")
-        expected = ["sliding_attention" if (i + 1) % full_every else "full_attention" for i in range(n_layers)]
+        expected = ["sliding_attention" if (i + 1) % full_every else "full_attention"
+                    for i in range(n_layers)]
         if layer_types is not None and list(layer_types) != expected:
             raise ValueError(f"layer_types must be {full_every - 1} sliding layers then 1 full, repeated; "
                              f"got {layer_types}")
@@ -168,7 +170,8 @@ def scaled_mm(a, b, a_inv_scale, b_inv_scale, out_dtype):
     if b.stride(0) != 1:
         raise RuntimeError(f"FP8 matmul: B {tuple(b.shape)} must be column-major, has strides {b.stride()}")
     if any(n % 16 for n in (*a.shape, b.shape[1])):
-        raise RuntimeError(f"FP8 matmul: dimensions must be multiples of 16, got {tuple(a.shape)} @ {tuple(b.shape)}")
+        raise RuntimeError(f"FP8 matmul: dimensions must be multiples of 16, "
+                           f"got {tuple(a.shape)} @ {tuple(b.shape)}")
     if a.device.type == "cpu":
         return (a.float() @ b.float() * (a_inv_scale * b_inv_scale)).to(out_dtype)
     return torch._scaled_mm(a, b, scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype)
@@ -236,7 +239,8 @@ class LayerNorm(nn.Module):
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
     """cos and sin of position * inv_freq in fp32, shaped [B, 1, T, head_dim / 2] to broadcast over heads.
     Computed on the fly, not kept as a buffer, so that casting the model to bf16 cannot round inv_freq."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                            dtype=torch.float) / head_dim)
     angles = positions[..., None].float() * inv_freq
     return angles.cos()[:, None], angles.sin()[:, None]
 
@@ -297,8 +301,8 @@ class Block(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-                                              scale=self.attn_scale)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=True, scale=self.attn_scale)
         attn = attn.transpose(1, 2).reshape(B, T, -1)
         return x + self.out_proj(torch.cat([attn, F.silu(gate) * up], dim=-1))
 
@@ -306,9 +310,10 @@ class Block(nn.Module):
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits = (scale * hidden) @ weight^T against targets (-100 = ignored), a chunk of
     rows at a time. The full logits would be [tokens, vocab]: 8 GB in fp32 for one 8k-token sequence at vocab
-    256k. Each chunk's gradient, (softmax - onehot) / n_valid, is used at once, so backward only scales the two
-    saved gradients; the matmul FLOPs are those of the unchunked forward + backward. The matmuls run in the
-    ambient precision (bf16 under autocast); logits are upcast to fp32 before anything exponentiates them."""
+    256k. Each chunk's gradient, (softmax - onehot) / n_valid, is used at once, so backward only scales the
+    two saved gradients; the matmul FLOPs are those of the unchunked forward + backward. The matmuls run in
+    the ambient precision (bf16 under autocast); logits are upcast to fp32 before anything exponentiates
+    them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, chunk_size=256):
@@ -342,7 +347,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None, None, None
+        return ((grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
+                None, None, None)
 
 
 class Transformer(nn.Module):
@@ -359,7 +365,8 @@ class Transformer(nn.Module):
     def init_weights(self):
         """Normal(0, init_std) for matmul weights, scaled by 1/sqrt(2 n_layers) on the projections into the
         residual stream (GPT-2); LayerNorm weights 1. Call after materialising a model built on meta. Under µP
-        the block matrices' std shrinks by sqrt(width_mult) (variance ~ 1/fan_in); the embedding's does not."""
+        the block matrices' std shrinks by sqrt(width_mult) (variance ~ 1/fan_in); the embedding's does
+        not."""
         nn.init.normal_(self.embed.weight, std=self.config.init_std)
         std = self.config.init_std / math.sqrt(self.config.width_mult)
         for block in self.blocks:
@@ -404,12 +411,13 @@ class Transformer(nn.Module):
         """Mean next-token cross-entropy over the targets that are not -100 (masked), computed by
         ChunkedCrossEntropy without ever holding all [B, T, vocab] logits."""
         hidden = self.hidden_states(idx, doc_ids, positions).flatten(0, 1)
-        return ChunkedCrossEntropy.apply(hidden, self.embed.weight, targets.flatten(), self.config.output_scale)
+        return ChunkedCrossEntropy.apply(hidden, self.embed.weight, targets.flatten(),
+                                         self.config.output_scale)
 
     def sequence_logps(self, idx, targets, doc_ids, n_sequences: int, positions=None, average=False):
-        """log π(completion | prompt) of each packed sequence: the sum (or, with `average`, the per-token mean,
-        §3.5) of the log-probs of its scored targets (those not -100). Sequence s is where doc_ids == s, as
-        data.pack lays them out (-1 marks padding). Returns [n_sequences], differentiable."""
+        """log π(completion | prompt) of each packed sequence: the sum (or, with `average`, the per-token
+        mean, §3.5) of the log-probs of its scored targets (those not -100). Sequence s is where doc_ids == s,
+        as data.pack lays them out (-1 marks padding). Returns [n_sequences], differentiable."""
         logits = self(idx, doc_ids, positions).flatten(0, 1)
         targets, doc_ids = targets.flatten(), doc_ids.flatten()
         scored = targets != -100
@@ -417,20 +425,24 @@ class Transformer(nn.Module):
         sums = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored], token_logps)
         if not average:
             return sums
-        counts = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored], torch.ones_like(token_logps))
+        counts = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored],
+                                                              torch.ones_like(token_logps))
         return sums / counts.clamp(min=1)
 
     def set_fp8(self, enabled: bool):
-        """Switch the block matmuls (not the embedding/output projection) between FP8 and the ambient dtype."""
+        """Switch the block matmuls (not the embedding/output projection) between FP8 and the ambient
+        dtype."""
         for block in self.blocks:
             for linear in (block.in_proj, block.out_proj):
                 if enabled and (linear.in_features % 16 or linear.out_features % 16):
-                    raise ValueError(f"FP8 needs matmul dimensions that are multiples of 16; block {block.layer} "
-                                     f"has a {linear.in_features} -> {linear.out_features} projection")
+                    raise ValueError(f"FP8 needs matmul dimensions that are multiples of 16; "
+                                     f"block {block.layer} has a {linear.in_features} -> "
+                                     f"{linear.out_features} projection")
                 linear.fp8 = enabled
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """nn.Module.load_state_dict, but a shape mismatch is one ValueError naming the key and both shapes."""
+        """nn.Module.load_state_dict, but a shape mismatch is one ValueError naming the key and both
+        shapes."""
         own = self.state_dict()
         for key, tensor in state_dict.items():
             if key in own and own[key].shape != tensor.shape:
@@ -448,13 +460,15 @@ def convert_cohere2_state_dict(hf_state_dict: dict) -> dict:
         p = f"layers.{i}."
         out[f"blocks.{i}.norm.weight"] = sd.pop(p + "input_layernorm.weight")
         out[f"blocks.{i}.in_proj.weight"] = torch.cat(
-            [sd.pop(p + name + ".weight") for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                       "mlp.gate_proj", "mlp.up_proj")], dim=0)
+            [sd.pop(p + name + ".weight") for name in ("self_attn.q_proj", "self_attn.k_proj",
+                                                       "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")],
+            dim=0)
         out[f"blocks.{i}.out_proj.weight"] = torch.cat(
             [sd.pop(p + "self_attn.o_proj.weight"), sd.pop(p + "mlp.down_proj.weight")], dim=1)
     if sd:
         raise ValueError(f"unexpected keys in the Cohere2 state dict: {sorted(sd)[:5]}")
-    if "lm_head.weight" in hf_state_dict and not torch.equal(hf_state_dict["lm_head.weight"], out["embed.weight"]):
+    if "lm_head.weight" in hf_state_dict and not torch.equal(hf_state_dict["lm_head.weight"],
+                                                             out["embed.weight"]):
         raise ValueError("lm_head.weight differs from model.embed_tokens.weight; this model ties them")
     return out
 
@@ -504,20 +518,23 @@ class KVCache:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, otherwise nucleus sampling over the top_p probability mass."""
+    """One token per row: greedy at temperature 0, otherwise nucleus sampling over the top_p probability
+    mass."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        # keep the smallest prefix reaching top_p
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None, return_cache=False):
+             top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
+             return_cache=False):
     """Sample a continuation for every prompt (token lists of any lengths), batched with a KV cache.
 
     Prompts are left-padded; padding is a separate "document" for the masks and positions start at each
@@ -561,7 +578,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 # -----------------------------------------------------------------------------
-# Benchmark against transformers' Cohere2ForCausalLM: python model.py --bench
+# Hugging Face Cohere2: our config in its terms, and a pair of models with the same weights (parity tests,
+# bench.py)
 
 
 def to_cohere2_config(config: Config) -> dict:
@@ -571,8 +589,10 @@ def to_cohere2_config(config: Config) -> dict:
                 num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
                 sliding_window=config.window, sliding_window_pattern=config.full_every,
                 max_position_embeddings=config.max_seq_len, logit_scale=config.logit_scale,
-                layer_norm_eps=config.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                tie_word_embeddings=True, attention_bias=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                layer_norm_eps=config.norm_eps,
+                rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                tie_word_embeddings=True, attention_bias=False,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def build_pair(config: Config, seed: int = 0):
@@ -584,69 +604,3 @@ def build_pair(config: Config, seed: int = 0):
     ours = Transformer(config).eval()
     ours.load_state_dict(convert_cohere2_state_dict(hf.state_dict()))
     return hf, ours
-
-
-def bench(args):
-    """Ours against transformers on the same weights and inputs, timed alternately (ours, theirs, ours, ...)
-    so that both see the same machine load; figures are medians over `repeats` rounds."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    config = PRESETS[args.preset]
-    hf, ours = build_pair(config)
-    torch.manual_seed(0)
-    data = torch.randint(config.vocab_size, (args.batch_size, args.seq_len + 1))
-    idx, targets = data[:, :-1], data[:, 1:]
-    lengths = torch.randint(args.seq_len // 8, args.seq_len // 4, (args.gen_batch,)).tolist()
-    prompts = [torch.randint(config.vocab_size, (n,)).tolist() for n in lengths]
-    hf_inputs = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    hf_mask = torch.zeros_like(hf_inputs)
-    for row, prompt in enumerate(prompts):  # transformers generates from left-padded prompts too
-        hf_inputs[row, -len(prompt):] = torch.tensor(prompt)
-        hf_mask[row, -len(prompt):] = 1
-
-    tasks = {  # name -> (ours, theirs, tokens per call)
-        "train (fwd+bwd of the LM loss)": (lambda: ours.loss(idx, targets).backward(),
-                                           lambda: hf(input_ids=idx, labels=idx).loss.backward(), idx.numel()),
-        "generate (greedy, KV cache)": (
-            lambda: generate(ours, prompts, args.gen_tokens, temperature=0),
-            lambda: hf.generate(input_ids=hf_inputs, attention_mask=hf_mask, max_new_tokens=args.gen_tokens,
-                                min_new_tokens=args.gen_tokens, do_sample=False),
-            len(prompts) * args.gen_tokens),
-    }
-    print(f"preset {args.preset}: {config.num_params() / 1e6:.2f}M params, fp32 on {torch.get_num_threads()} CPU "
-          f"threads; train batch {args.batch_size} x {args.seq_len}; generate {args.gen_batch} prompts of "
-          f"{min(lengths)}-{max(lengths)} tokens + {args.gen_tokens} new")
-    print(f"{'':32}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}")
-    for name, (ours_fn, hf_fn, tokens) in tasks.items():
-        seconds = {ours_fn: [], hf_fn: []}
-        for rep in range(args.repeats + 1):
-            for fn in (ours_fn, hf_fn):
-                start = time.perf_counter()
-                fn()
-                if rep > 0:  # the first round is a warm-up
-                    seconds[fn].append(time.perf_counter() - start)
-        ours_rate, hf_rate = (tokens / sorted(seconds[fn])[len(seconds[fn]) // 2] for fn in (ours_fn, hf_fn))
-        print(f"{name:32}{ours_rate:12.0f}{hf_rate:14.0f}{ours_rate / hf_rate:7.2f}x")
-
-    length = 8 * config.window
-    _, cache = generate(ours, [[1] * (length - 1)], 1, temperature=0, return_cache=True)
-    full = config.n_layers * length * 2 * config.n_kv_heads * config.head_dim * 4  # k and v of every layer, fp32
-    print(f"KV cache at {length} tokens (8x window): {cache.nbytes() / 2**20:.2f} MiB with rolling sliding-window "
-          f"buffers vs {full / 2**20:.2f} MiB for a full cache = {cache.nbytes() / full:.1%}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", action="store_true", help="benchmark against transformers' Cohere2")
-    parser.add_argument("--preset", default="tiny", choices=PRESETS)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--gen-batch", type=int, default=8)
-    parser.add_argument("--gen-tokens", type=int, default=64)
-    args = parser.parse_args()
-    if args.bench:
-        bench(args)
-    else:
-        parser.print_help()

@@ -1,82 +1,59 @@
 """
 Offline preference training (report §3.2.2.1; §3.3.7.2 and §3.5 for the SFT-mixed and length-averaged
-variants; Appendix B for β and LRs): SLiC, DPO, IPO and SRPO behind one switch, and SRPO self-refinement.
+variants): SLiC, DPO, IPO and SRPO behind one switch, --loss, with an optional SFT loss.
 
-Notation (DESIGN §9): h(y) = log π(y|x) − log π_ref(y|x), summed over the completion's tokens, or averaged per
-token with `--length-average` (§3.5, following Grinsztajn et al. 2024); z = h(y_w) − h(y_l); p = the soft
-label P(y_w ≻ y_l) in [0.5, 1] that every pair carries (1 = a hard label). The loss: `preference_loss`.
+    loss = mean over pairs of preference_loss(h(y_w), h(y_l); p) + w · CE(SFT data)
+    h(y) = log π(y|x) − log π_ref(y|x), summed over the completion (per-token mean with --length-average)
 
-- SRPO: one network plays π(y|x) and the self-improvement policy π†(y|x, y′). π† is the same model reading
-  the revision prompt, an ordinary chat continuation built by data.render (no new special tokens):
-      <BOS> ...the prompt's turns... <SOT><CHATBOT> y′ <EOT> <SOT><USER> REVISION_REQUEST <EOT> <SOT><CHATBOT>
-  i.e. the conversation, the draft y′ as the chatbot's reply, then a user turn asking for a revision; the
-  completion scored (and generated) after it is the revision. `revision_prompt` builds it. At inference,
-  `refine(model, enc, messages, n_revisions, max_new_tokens)` generates, then revises N times, each
-  revision reading only the latest draft (π† conditions on one y′); `refine_batch` does it for a list of
-  conversations at once. evaluate.py --refine N uses them.
-- `--sft-weight w` adds w × the cross-entropy of the chosen completions (for SRPO: also of the chosen as a
-  revision of either completion), or, with `--sft-data FILE`, of a separate SFT set (the safety recipe,
-  §3.3.7.2: IPO on helpfulness pairs + an equally weighted SFT loss on safety data; the multilingual
-  recipe, B.2: DPO + SFT on the SFT mix). `--sft-data all` mixes every capability's SFT data: polishing
-  (§3.5) uses it so that SRPO on instruct pairs does not erode the other skills.
-- Reference log-probs are computed once, before training, by the --init model itself (the policy before its
-  first step), and cached at OUT/ref_logps.pt. The cache is keyed by a hash of everything they depend on:
-  the exact token sequences scored (so the data file, the tokenizer, the revision prompt and the records
-  kept at --seq-len), the --init model.pt bytes, --length-average and the device type (bf16 on GPU). A cache
-  with another key is recomputed, with a message, never reused. No second model lives during training.
-- `--capability CAP` picks DATA/pref/CAP.jsonl and RECIPES[CAP]; every flag overrides its recipe.
+How this differs from the report:
+1. Appendix B's LRs × common.PREF_LR_SCALE (12) for the tiny preset; where it is silent, RECIPES says "ours".
+2. SRPO's self-improvement policy π†(y|x, y′) is the policy network itself reading a revision prompt
+   (evaluate.revision_prompt); the report does not say how π† is parametrised.
+3. Reference log-probs come from the --init model before its first step, cached in OUT/ref_logps.pt under a
+   hash of the sequences, the weights and the settings: no second model lives during training.
 
-Appendix B's LRs are for a 111B model pretrained at 2.5e-4; as in sft.py every LR here is the report's ×
-LR_SCALE = 12 (the tiny preset pretrains at 3e-3). Where Appendix B is silent we say so and chose for tiny.
+Reads --init, DATA/tokenizer.json, DATA/pref/CAP.jsonl (and --sft-data, DATA/eval/CAP.jsonl); writes
+OUT/model.pt, config.json, metrics.jsonl, ref_logps.pt and checkpoint.pt (a restarted run resumes exactly).
 
-| capability   | report: loss, β; LR (peak → end), wd                   | tiny: β, peak LR; SFT loss; steps x pairs        |
-|--------------|--------------------------------------------------------|--------------------------------------------------|
-| instruct     | SRPO, length-averaged + SFT (§3.5); β, LR not given    | 0.1, 1.2e-4 (ours); w 1 on the chosen; 50 x 16   |
-| multilingual | DPO, β 0.2; 1.25e-5 → 1.25e-6, wd 0.1 (B.2)            | 0.2, 1.5e-4; w 1 on sft/multilingual; 50 x 16    |
-| safety       | IPO (per-token avg.), β 0.03; 1e-6 → 1e-7, wd 1e-3 (B.6) | 0.03, 1.2e-5; w 1 on sft/safety; 50 x 16       |
-| others       | none (the report uses CoPG for code and math)          | DPO 0.1, 3e-5 (ours); none; 50 x 16              |
-
-Reads --init (model.pt + config.json), DATA/tokenizer.json, DATA/pref/CAP.jsonl (--sft-data, DATA/eval/CAP.jsonl);
-writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (a restarted run resumes exactly), ref_logps.pt.
-
-    python prefopt.py --capability safety --init runs/tiny/sft-safety --eval-before     # IPO + SFT, CPU
-    python prefopt.py --capability instruct --init runs/tiny/instruct --eval-revisions 2  # SRPO + refinement
-    python prefopt.py --loss dpo --beta 0.1 --data-file pref/style.jsonl --capability instruct
-    torchrun --nproc_per_node 8 prefopt.py --capability multilingual --init runs/r7b/sft-multilingual ...
+    python prefopt.py --capability instruct              # SRPO: runs/tiny/instruct-sft -> instruct
+    python prefopt.py --capability safety --eval-before  # IPO + SFT: runs/tiny/sft-soup -> rl-safety
+    torchrun --nproc_per_node 8 prefopt.py --capability multilingual --init runs/r7b/soup --data data/real
 """
 
 import argparse
-import hashlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Logger, all_reduce_sum, atomic_save, autocast, build_model, load_checkpoint, lr_factor,
-                    make_optimizer, model_path, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
-                    teardown, whole_model)
-from data import (END_OF_TURN, chat_stop_tokens, pack, parse_reply, prompt_completion_sequence, read_jsonl,
-                  read_sft_data, record_indices, render, render_completion, render_prompt)
-from model import generate
-from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, grade_replies
+from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argument_parser, build_model,
+                    drop_too_long, generation_model, load_checkpoint, lr_factor, make_optimizer, open_stage,
+                    optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model, set_lr,
+                    sft_sequences, sft_step_loss, teardown)
+from data import prompt_completion_sequence, read_jsonl, record_indices, render_completion
+from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, evaluate_refinement, revision_prompt
 from tasks import CAPABILITIES
 
 LOSS_TYPES = ("dpo", "ipo", "slic", "srpo")
 # SRPO scores both completions under the revision prompt that shows each of them: h†(a|b), the log-ratio of
 # completion a given the prompt x followed by "revise b". Columns of the revision log-prob tensors, in order:
 SRPO_REVISIONS = ("chosen|rejected", "rejected|rejected", "chosen|chosen", "rejected|chosen")
-REVISION_REQUEST = "Revise your reply: keep what is right, fix what is wrong, and follow every instruction."
 
-LR_SCALE = 12  # tiny pretraining LR (3e-3) / the report's (2.5e-4), as in sft.py
-RECIPES = {  # report values where Appendix B gives them (LRs before LR_SCALE); see the table above
+# Each capability's recipe: the report's loss, β, LRs (before PREF_LR_SCALE) and weight decay where Appendix B
+# or §3.5 gives them; every flag overrides its recipe. The SFT loss: on sft_data, or on the chosen completions
+# when sft_data is None (for SRPO also as revisions, so that π† learns to write them).
+RECIPES = {
+    # §3.5: SRPO, length-averaged, with SFT; β and LR not given (ours)
     "instruct": dict(loss="srpo", beta=0.1, length_average=True, lr=1e-5, min_lr=1e-6, weight_decay=0.01,
                      sft_weight=1.0, sft_data=None),
-    "multilingual": dict(loss="dpo", beta=0.2, length_average=False, lr=1.25e-5, min_lr=1.25e-6, weight_decay=0.1,
-                         sft_weight=1.0, sft_data="sft/multilingual.jsonl"),
+    # B.2: DPO, β 0.2, 1.25e-5 -> 1.25e-6, wd 0.1, with SFT on the multilingual mix
+    "multilingual": dict(loss="dpo", beta=0.2, length_average=False, lr=1.25e-5, min_lr=1.25e-6,
+                         weight_decay=0.1, sft_weight=1.0, sft_data="sft/multilingual.jsonl"),
+    # §3.3.7.2, B.6: IPO (per-token averaged) β 0.03, 1e-6 -> 1e-7, wd 1e-3, plus an equally weighted SFT loss
     "safety": dict(loss="ipo", beta=0.03, length_average=True, lr=1e-6, min_lr=1e-7, weight_decay=1e-3,
                    sft_weight=1.0, sft_data="sft/safety.jsonl"),
 }
+# the others: no offline preference recipe in the report (code and math use CoPG); ours
 DEFAULT_RECIPE = dict(loss="dpo", beta=0.1, length_average=False, lr=2.5e-6, min_lr=2.5e-7, weight_decay=0.01,
                       sft_weight=0.0, sft_data=None)
 
@@ -102,7 +79,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     inner max is π†(y|y′) ∝ π_ref(y|y′) exp(P(y ≻ y′)/β), so β[h†(a|y′) − h†(b|y′)] = P(a ≻ y′) − P(b ≻ y′),
     which is p − ½ for (a, b, y′) = (y_w, y_l, y_l) and for (y_w, y_l, y_w). The outer optimum then has
     β h(y′) = β h†(y|y′) − P(y ≻ y′) + const for any y; writing it for y′ = y_w, y = y_l and for y′ = y_l,
-    y = y_w and subtracting gives L_gen's target 2p − 1. With p = 1 these are DESIGN §9's ½, ½ and 1.
+    y = y_w and subtracting gives L_gen's target 2p − 1. With p = 1 the targets are ½, ½ and 1.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -115,33 +92,21 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     if loss_type == "ipo":
         return (z - (p - 0.5) / beta) ** 2
     if loss_type == "slic":
-        return F.relu(slic_delta - policy_chosen_logps + policy_rejected_logps) - slic_lambda * policy_chosen_logps
+        return (F.relu(slic_delta - policy_chosen_logps + policy_rejected_logps)
+                - slic_lambda * policy_chosen_logps)
     if policy_revision_logps is None or ref_revision_logps is None:
-        raise ValueError("srpo needs policy_revision_logps and ref_revision_logps, columns " + str(SRPO_REVISIONS))
-    h_w_given_l, h_l_given_l, h_w_given_w, h_l_given_w = (policy_revision_logps - ref_revision_logps).unbind(-1)
-    loss_self = ((p - 0.5) - beta * (h_w_given_l - h_l_given_l)) ** 2 + ((p - 0.5) - beta * (h_w_given_w - h_l_given_w)) ** 2
+        raise ValueError("srpo needs policy_revision_logps and ref_revision_logps, columns "
+                         + str(SRPO_REVISIONS))
+    h_w_given_l, h_l_given_l, h_w_given_w, h_l_given_w = (
+        policy_revision_logps - ref_revision_logps).unbind(-1)
+    loss_self = (((p - 0.5) - beta * (h_w_given_l - h_l_given_l)) ** 2
+                 + ((p - 0.5) - beta * (h_w_given_w - h_l_given_w)) ** 2)
     loss_gen = (beta * (h_w_given_l + h_chosen - h_l_given_w - h_rejected) - (2 * p - 1)) ** 2
     return srpo_alpha * loss_self + (1 - srpo_alpha) * loss_gen
 
 
 # -----------------------------------------------------------------------------
-# Sequences: pairs, the revision prompt, self-refinement
-
-
-def revision_prompt(enc, messages: list[dict], draft) -> list[int]:
-    """The prompt under which π† writes a revision of `draft` (the response text, a chatbot message, or the
-    token ids model.generate sampled after data.render_prompt): the conversation, the draft as the chatbot's
-    reply, a user turn asking for a revision (REVISION_REQUEST), then the chatbot's turn opener. For a text
-    draft it is render_prompt(messages + [draft reply, revision request])."""
-    if isinstance(draft, (str, dict)):
-        prompt_ids, draft_ids = render_completion(enc, messages, draft)
-    else:
-        prompt_ids, draft_ids = render_prompt(enc, messages), list(draft)
-    end_of_turn = enc.encode_single_token(END_OF_TURN)
-    if draft_ids[-1:] != [end_of_turn]:  # a sampled draft cut off at max_new_tokens still closes its turn
-        draft_ids.append(end_of_turn)
-    request = render_prompt(enc, [{"role": "user", "content": REVISION_REQUEST}])[1:]  # without its <BOS>
-    return prompt_ids + draft_ids + request
+# Sequences
 
 
 def pair_sequences(enc, record: dict, srpo: bool) -> list[tuple[list[int], list[int]]]:
@@ -157,124 +122,7 @@ def pair_sequences(enc, record: dict, srpo: bool) -> list[tuple[list[int], list[
     return sequences
 
 
-@torch.no_grad()
-def refine_batch(model, enc, conversations: list[list[dict]], n_revisions: int, max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> list[list[list[int]]]:
-    """SRPO self-refinement at inference (§3.2.2.1), batched: a first reply from π to every conversation, then
-    n_revisions revisions by π†, each written under the revision prompt that shows the previous one. Returns,
-    per conversation, its n_revisions + 1 completions as token ids ([0] the first draft, [-1] the final
-    answer); parse them with data.parse_reply."""
-    stop_tokens = chat_stop_tokens(enc)
-    drafts = generate(model, [render_prompt(enc, messages) for messages in conversations], max_new_tokens,
-                      temperature, top_p, stop_tokens, generator)
-    completions = [[draft] for draft in drafts]
-    for _ in range(n_revisions):
-        revision_prompts = [revision_prompt(enc, messages, draft) for messages, draft in zip(conversations, drafts)]
-        drafts = generate(model, revision_prompts, max_new_tokens, temperature, top_p, stop_tokens, generator)
-        for history, draft in zip(completions, drafts):
-            history.append(draft)
-    return completions
-
-
-def refine(model, enc, messages: list[dict], n_revisions: int, max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
-    """refine_batch for one conversation: its n_revisions + 1 completions (token ids; [-1] the final answer)."""
-    return refine_batch(model, enc, [messages], n_revisions, max_new_tokens, temperature, top_p, generator)[0]
-
-
-def evaluate_refinement(model, enc, records: list[dict], n_revisions: int, max_new_tokens: int,
-                        batch_size: int = 16) -> list[dict]:
-    """evaluate.grade_replies of greedy replies to eval records after 0, 1, ..., n_revisions revisions: one dict
-    of mean metrics per number of revisions."""
-    completions = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        completions += refine_batch(model, enc, [r["messages"] for r in chunk], n_revisions, max_new_tokens)
-    return [grade_replies(records, [parse_reply(enc, history[revisions]) for history in completions])
-            for revisions in range(n_revisions + 1)]
-
-
-# -----------------------------------------------------------------------------
-# Log-probs and the reference cache
-
-
-def packed_logps(model, enc, sequences: list, seq_len: int, runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs of each sequence's completion [n], differentiable; its number of tokens [n]), the
-    sequences packed into rows of seq_len. Divide the two for per-token averages (--length-average)."""
-    batch = {k: v.to(runtime.device) for k, v in pack(enc, sequences, seq_len).items()}
-    with autocast(runtime):
-        sums = model.sequence_logps(batch["tokens"], batch["targets"], batch["doc_ids"], len(sequences),
-                                    batch["positions"])
-    counts = torch.tensor([sum(mask[1:]) for _, mask in sequences], dtype=torch.float32, device=runtime.device)
-    return sums.float(), counts
-
-
-def reference_key(sequences: list, init: str, average: bool, device_type: str) -> str:
-    """What reference log-probs depend on, hashed: the exact (ids, mask) sequences (hence the data, the
-    tokenizer, the revision prompt and the records kept), the init weights' file, averaging, the device type."""
-    key = hashlib.sha256()
-    for ids, mask in sequences:
-        key.update(np.asarray([len(ids), *ids, *mask], dtype=np.int64).tobytes())
-    with open(model_path(init), "rb") as file:
-        key.update(hashlib.file_digest(file, "sha256").digest())
-    key.update(f"average={average} device={device_type}".encode())
-    return key.hexdigest()
-
-
-def reference_logps(model, enc, sequences: list, init: str, average: bool, cache: Path, runtime,
-                    seq_len: int, batch_size: int = 64) -> torch.Tensor:
-    """log π_ref of every sequence [n] (summed, or per-token averaged with `average`), on the CPU. `model` must
-    hold the --init weights: call this before the first optimizer step. Computed once and saved at `cache`
-    with its reference_key; a cache with another key is recomputed (with a message), never reused. Under
-    FSDP every rank scores every sequence (simple; a sliced pass would save world_size x on a pass that
-    costs about a third of one training epoch) and rank 0 writes the file."""
-    key = reference_key(sequences, init, average, runtime.device.type)
-    if cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
-        if saved["key"] == key:
-            return saved["logps"]
-        print(f"{cache} was computed for other data, init weights or settings: recomputing it")
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            sums, counts = packed_logps(model, enc, sequences[start:start + batch_size], seq_len, runtime)
-            chunks.append((sums / counts if average else sums).cpu())
-    logps = torch.cat(chunks)
-    if runtime.is_main:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"key": key, "logps": logps}, cache)
-    return logps
-
-
-def fitting_records(records: list[dict], sequences: list[list], seq_len: int, what: str):
-    """The records (and their sequences) whose every sequence fits a row of seq_len; says how many were left out."""
-    kept = [i for i, group in enumerate(sequences) if max(len(ids) for ids, _ in group) <= seq_len]
-    if len(kept) < len(records):
-        print(f"{what}: left out {len(records) - len(kept)} of {len(records)} records longer than --seq-len {seq_len}")
-    if not kept:
-        raise ValueError(f"{what}: no record fits --seq-len {seq_len}")
-    return [records[i] for i in kept], [sequences[i] for i in kept]
-
-
-def sft_sequences(enc, data: Path, name: str, seq_len: int) -> list:
-    """The conversations of --sft-data (a JSONL in DATA, or "all": data.read_sft_data), rendered with their
-    loss masks, those that fit seq_len (the SFT regulariser of prefopt.py and copg.py)."""
-    records = read_sft_data(data, name)
-    return fitting_records(records, [[render(enc, r["messages"])] for r in records], seq_len, str(data / name))[1]
-
-
-def sft_step_loss(model, enc, sequences: list, step: int, args, runtime) -> torch.Tensor:
-    """Cross-entropy of this step's --sft-batch-size conversations of `sequences`, packed into rows of
-    --seq-len (each record once per epoch, disjoint across ranks)."""
-    indices = record_indices(len(sequences), step, args.sft_batch_size, args.seed + 1, runtime.rank,
-                             runtime.world_size)
-    batch = {k: v.to(runtime.device) for k, v in pack(enc, [sequences[i][0] for i in indices], args.seq_len).items()}
-    with autocast(runtime):
-        return model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
-
-
-def evaluate(model, enc, data: Path, args, when: str) -> dict:
+def evaluate_stage(model, enc, data: Path, args, when: str) -> dict:
     """evaluate_capability on DATA/eval/CAP.jsonl and, with --eval-revisions N, the headline metric after
     1..N self-refinements (revisions_r_METRIC in the result)."""
     print(f"{when} preference training:")
@@ -285,8 +133,9 @@ def evaluate(model, enc, data: Path, args, when: str) -> dict:
         by_revisions = evaluate_refinement(model, enc, records, args.eval_revisions,
                                            EVAL_MAX_NEW_TOKENS[args.capability], args.eval_batch_size)
         for revisions, values in enumerate(by_revisions):
-            print(f"  {revisions} revision(s): {headline} {values[headline]:.3f}, reward {values['reward']:.3f}, "
-                  f"chat format {values['format']:.3f}, empty replies {values['empty']:.3f}")
+            print(f"  {revisions} revision(s): {headline} {values[headline]:.3f}, "
+                  f"reward {values['reward']:.3f}, chat format {values['format']:.3f}, "
+                  f"empty replies {values['empty']:.3f}")
             metrics |= {f"revisions_{revisions}_{name}": value for name, value in values.items()}
     return metrics
 
@@ -295,52 +144,54 @@ def evaluate(model, enc, data: Path, args, when: str) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capability", default="instruct", choices=CAPABILITIES, help="picks the pair file, "
-                        "the recipe and the eval set")
-    parser.add_argument("--init", help="parent model (default: runs/tiny/instruct for instruct, else "
-                                       "runs/tiny/sft-CAP)")
-    parser.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, pref/, sft/, eval/")
-    parser.add_argument("--data-file", help="pair JSONL in DATA (default: pref/CAP.jsonl)")
-    parser.add_argument("--out", help="default: runs/tiny/pref-CAP")
-    parser.add_argument("--loss", choices=LOSS_TYPES, help="default: the recipe's")
-    parser.add_argument("--beta", type=float, help="default: the recipe's")
-    parser.add_argument("--length-average", action=argparse.BooleanOptionalAction,
-                        help="per-token averaged log-probs (§3.5); default: the recipe's")
-    parser.add_argument("--srpo-alpha", type=float, default=0.5, help="SRPO: α L_self + (1 − α) L_gen")
-    parser.add_argument("--slic-delta", type=float, default=1.0, help="SLiC: the hinge margin δ")
-    parser.add_argument("--slic-lambda", type=float, default=0.1, help="SLiC: weight of the chosen CE")
-    parser.add_argument("--sft-weight", type=float, help="weight of the SFT loss (default: the recipe's)")
-    parser.add_argument("--sft-data", help="SFT JSONL in DATA for that loss, or all: every sft/*.jsonl "
-                                           "(default: the recipe's; none = the chosen completions)")
-    parser.add_argument("--sft-batch-size", type=int, help="conversations per step from --sft-data "
-                                                           "(default: --batch-size)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per step and process")
-    parser.add_argument("--seq-len", type=int, default=256, help="packed row length")
-    parser.add_argument("--lr", type=float, help="peak LR (default: the recipe's x LR_SCALE)")
-    parser.add_argument("--min-lr", type=float, help="final LR of the cosine (default: the recipe's x LR_SCALE)")
-    parser.add_argument("--weight-decay", type=float, help="default: the recipe's")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--eval-before", action="store_true", help="also evaluate the --init model first")
-    parser.add_argument("--eval-revisions", type=int, default=0, help="also evaluate after 1..N self-refinements")
-    parser.add_argument("--eval-batch-size", type=int, default=16)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser = argument_parser(__doc__)
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--capability", default="instruct", choices=CAPABILITIES,
+                      help="picks the pair file, the recipe and the eval set")
+    what.add_argument("--init", help="parent model (default: runs/tiny/instruct-sft for instruct, else "
+                                     "runs/tiny/sft-soup)")
+    what.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, pref/, sft/, eval/")
+    what.add_argument("--data-file", help="pair JSONL in DATA (default: pref/CAP.jsonl)")
+    what.add_argument("--out", help="default: runs/tiny/instruct for instruct, else runs/tiny/rl-CAP")
+    loss = parser.add_argument_group("loss (defaults: the capability's recipe)")
+    loss.add_argument("--loss", choices=LOSS_TYPES, help="the preference loss")
+    loss.add_argument("--beta", type=float, help="β: the strength of the KL regularisation")
+    loss.add_argument("--length-average", action=argparse.BooleanOptionalAction,
+                      help="per-token averaged log-probs (§3.5)")
+    loss.add_argument("--srpo-alpha", type=float, default=0.5, help="SRPO: α L_self + (1 − α) L_gen")
+    loss.add_argument("--slic-delta", type=float, default=1.0, help="SLiC: the hinge margin δ")
+    loss.add_argument("--slic-lambda", type=float, default=0.1, help="SLiC: weight of the chosen CE")
+    loss.add_argument("--sft-weight", type=float, help="weight w of the SFT loss")
+    loss.add_argument("--sft-data", help="SFT JSONL in DATA for that loss, or all: every sft/*.jsonl "
+                                         "('' = the chosen completions)")
+    loss.add_argument("--sft-batch-size", type=int, help="conversations per step from --sft-data "
+                                                         "(default: --batch-size)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=50, help="optimizer steps")
+    optim.add_argument("--batch-size", type=int, default=16, help="pairs per step and process")
+    optim.add_argument("--seq-len", type=int, default=256,
+                       help="packed row length; longer pairs are left out")
+    optim.add_argument("--lr", type=float, help="peak LR (default: the recipe's x PREF_LR_SCALE)")
+    optim.add_argument("--min-lr", type=float,
+                       help="final LR of the cosine (default: the recipe's x PREF_LR_SCALE)")
+    optim.add_argument("--weight-decay", type=float,
+                       help="AdamW decoupled weight decay (default: the recipe's)")
+    optim.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    run = add_run_flags(parser, log_every=10, save_every=50, seed_help="data order")
+    run.add_argument("--eval-revisions", type=int, default=0,
+                     help="also evaluate after 1..N self-refinements")
     args = parser.parse_args(argv)
     recipe = RECIPES.get(args.capability, DEFAULT_RECIPE)
     for name in ("loss", "beta", "length_average", "weight_decay", "sft_weight", "sft_data"):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
-    args.lr = recipe["lr"] * LR_SCALE if args.lr is None else args.lr
-    args.min_lr = recipe["min_lr"] * LR_SCALE if args.min_lr is None else args.min_lr
-    expert = f"runs/tiny/sft-{args.capability}"
-    args.init = args.init or ("runs/tiny/instruct" if args.capability == "instruct" else expert)
+    args.lr = recipe["lr"] * PREF_LR_SCALE if args.lr is None else args.lr
+    args.min_lr = recipe["min_lr"] * PREF_LR_SCALE if args.min_lr is None else args.min_lr
+    instruct = args.capability == "instruct"
+    args.init = args.init or ("runs/tiny/instruct-sft" if instruct else "runs/tiny/sft-soup")
+    args.out = args.out or ("runs/tiny/instruct" if instruct else f"runs/tiny/rl-{args.capability}")
     args.data_file = args.data_file or f"pref/{args.capability}.jsonl"
-    args.out = args.out or f"runs/tiny/pref-{args.capability}"
     args.sft_data = args.sft_data or None  # --sft-data "" turns the recipe's set off (SFT on the chosen)
     args.sft_batch_size = args.sft_batch_size or args.batch_size
     return args
@@ -354,8 +205,10 @@ def main(argv=None):
     # data: each pair's 2 sequences (6 for SRPO), tokenized once; the SFT set if any
     srpo = args.loss == "srpo"
     records = read_jsonl(data / args.data_file, "pair")
-    records, sequences = fitting_records(records, [pair_sequences(enc, r, srpo) for r in records], args.seq_len,
-                                         str(data / args.data_file))
+    pairs = [(record, pair_sequences(enc, record, srpo)) for record in records]
+    pairs = drop_too_long(pairs, [max(len(ids) for ids, _ in seqs) for _, seqs in pairs], args.seq_len,
+                          str(data / args.data_file))
+    records, sequences = [record for record, _ in pairs], [seqs for _, seqs in pairs]
     labels = torch.tensor([float(r["label"]) for r in records])
     if args.sft_weight and args.sft_data:
         sft_data = sft_sequences(enc, data, args.sft_data, args.seq_len)
@@ -364,32 +217,36 @@ def main(argv=None):
     model = build_model(config, runtime, args.init, args.seed)
     n_per_pair = len(sequences[0])
     chosen_columns = [0] + [2 + SRPO_REVISIONS.index(c) for c in ("chosen|rejected", "chosen|chosen") if srpo]
-    ref_logps = reference_logps(model, enc, [s for pair in sequences for s in pair], args.init, args.length_average,
-                                out / "ref_logps.pt", runtime, args.seq_len).view(-1, n_per_pair)
+    ref_logps = reference_logps(model, enc, [s for pair in sequences for s in pair], args.init,
+                                args.length_average, out / "ref_logps.pt", runtime,
+                                args.seq_len).view(-1, n_per_pair)
     eval_file = data / "eval" / f"{args.capability}.jsonl"
     if args.eval_before and runtime.is_main and eval_file.is_file():
-        evaluate(whole_model(model, args.init, runtime), enc, data, args, "before")
+        evaluate_stage(generation_model(model, args.init, runtime), enc, data, args, "before")
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = load_checkpoint(out, model, optimizer, runtime)
     logger = Logger(out, runtime, start, args.steps)
     tokens_seen = 0
     for step in range(start, args.steps):
-        lr = lr_factor(step, args.steps, args.warmup, 0, args.min_lr / args.lr, cosine=True)
+        lr = lr_factor(step, steps=args.steps, warmup=args.warmup, cooldown=0,
+                       min_ratio=args.min_lr / args.lr, cosine=True)
         set_lr(optimizer, lr)
-        indices = record_indices(len(sequences), step, args.batch_size, args.seed, runtime.rank, runtime.world_size)
+        indices = record_indices(len(sequences), step, args.batch_size, args.seed, runtime.rank,
+                                 runtime.world_size)
         batch = [s for i in indices for s in sequences[i]]
         sums, counts = packed_logps(model, enc, batch, args.seq_len, runtime)
         logps = (sums / counts if args.length_average else sums).view(-1, n_per_pair)
         ref = ref_logps[indices].to(runtime.device)
-        pair_losses = preference_loss(
-            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], args.loss, args.beta, labels[indices].to(runtime.device),
-            args.slic_delta, args.slic_lambda, logps[:, 2:] if srpo else None, ref[:, 2:] if srpo else None,
-            args.srpo_alpha)
-        loss = pair_losses.mean()
+        loss = preference_loss(
+            logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=args.loss, beta=args.beta,
+            labels=labels[indices].to(runtime.device), slic_delta=args.slic_delta,
+            slic_lambda=args.slic_lambda, policy_revision_logps=logps[:, 2:] if srpo else None,
+            ref_revision_logps=ref[:, 2:] if srpo else None, srpo_alpha=args.srpo_alpha).mean()
         sft_loss = torch.zeros((), device=runtime.device)
         if args.sft_weight and args.sft_data:  # the safety recipe: CE on a separate SFT set
-            sft_loss = sft_step_loss(model, enc, sft_data, step, args, runtime)
+            sft_loss = sft_step_loss(model, enc, sft_data, step, args.sft_batch_size, args.seq_len, args.seed,
+                                     runtime)
         elif args.sft_weight:  # CE of the chosen completions, per token; for SRPO also as revisions, so that
             # π† learns to write them (SRPO's own terms only move log-ratios relative to each other)
             chosen_sums, chosen_counts = (x.view(-1, n_per_pair)[:, chosen_columns] for x in (sums, counts))
@@ -411,7 +268,7 @@ def main(argv=None):
     save_model(out, model, runtime)
 
     if runtime.is_main and eval_file.is_file():
-        metrics = evaluate(whole_model(model, out, runtime), enc, data, args, "after")
+        metrics = evaluate_stage(generation_model(model, out, runtime), enc, data, args, "after")
         logger.log(args.steps, tokens_seen, **{f"eval_{name}": value for name, value in metrics.items()})
     logger.close()
     teardown(runtime)

@@ -1,79 +1,80 @@
 """
-Pretraining (report §2.4-2.5): next-token prediction on packed token shards, with document masking.
+Pretraining (report §2.4-2.5): next-token prediction on packed token shards with document masking, µP, FP8,
+and a cooldown that extends the context.
 
-- Precision (§2.4.1): fp32 master weights and AdamW state; bf16 matmuls on GPU (autocast, and FSDP2 gathers
-  bf16 parameters); `--fp8-after N` runs the block matmuls in FP8 from step N on; the cooldown is bf16 again.
-- µP (§2.4): `--mup --base-width W` parametrises the model so that hyper-parameters tuned at width W transfer
-  to any width (model.Config.mup_base_dim: init, 1/head_dim attention, logit multiplier; common.make_optimizer:
-  per-group LR).
-- Cooldown (§2.5): over the last --cooldown-steps the LR anneals linearly to --min-lr in bf16. With
-  `--context-schedule 256:600,1024:200,2048:100` (length:steps) the cooldown lasts 900 steps: 600 at the base
-  length (--seq-len, the first entry), then stages in which every fourth step is a long-context batch from
-  corpus_long.bin (1024 tokens for 200 steps, then 2048 for 100). A long batch has as many tokens as a base one
-  (fewer, longer rows).
-- Validation loss and bits per byte on val.bin every --eval-every steps.
+    loss = mean CE of every target token of the step (all micro-batches, all ranks)
 
-Reads DATA/tokenizer.json, DATA/corpus.bin, DATA/val.bin (and DATA/corpus_long.bin for the context schedule);
-writes OUT/model.pt, OUT/config.json, OUT/metrics.jsonl, OUT/checkpoint.pt. Restarted on the same --out it
-resumes exactly from the last checkpoint, under any number of processes.
+How this differs from the report:
+1. The cooldown's long-context stages (--context-schedule LENGTH:STEPS,...) make every fourth step a long
+   batch from corpus_long.bin with as many tokens as a base batch; the report gives no ratio.
+2. FP8 (--fp8-after N) covers the block matmuls from step N until the cooldown, which runs in bf16 (§2.4.1);
+   on a CPU the FP8 arithmetic is emulated in fp32 (model.py).
+3. µP (--mup --base-width W, Yang et al. 2021) transfers hyper-parameters tuned at width W; the report names
+   µP without its details (model.Config.mup_base_dim, common.make_optimizer).
 
-    python pretrain.py                                                   # tiny, CPU, a few minutes
-    python pretrain.py --model small --data data/web --batch-size 16 --seq-len 2048 --fp8-after 1000   # 1 GPU
+Reads DATA/tokenizer.json, corpus.bin, val.bin (and corpus_long.bin for the context schedule); writes
+OUT/model.pt, config.json, metrics.jsonl (val loss and bits per byte every --eval-every steps) and
+checkpoint.pt: restarted on the same --out it resumes exactly, under any number of processes.
+
+    python pretrain.py                                                   # tiny, CPU: -> runs/tiny/pretrain
     torchrun --nproc_per_node 8 pretrain.py --model r7b --replicate 2 ...     # FSDP2; HSDP over 2 x 4 GPUs
     python pretrain.py --model command-a --dry-run 8,64,256                   # memory plan, allocates nothing
 """
 
-import argparse
-import math
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from common import (Logger, all_reduce_sum, autocast, build_model, load_checkpoint, load_config, lr_factor,
-                    make_optimizer, optimizer_step, save_checkpoint, save_model, set_lr, setup, teardown,
+from common import (Logger, add_run_flags, all_reduce_sum, argument_parser, autocast, build_model,
+                    load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step, print_settings,
+                    save_checkpoint, save_model, set_lr, setup, teardown, to_device, validation_loss,
                     write_config)
 from data import IGNORE, load_tokenizer, open_shard, shard_batch
 from model import PRESETS, Config
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=PRESETS, help="model preset")
-    parser.add_argument("--dim", type=int, help="override the preset's width (ffn_dim scales with it)")
-    parser.add_argument("--n-layers", type=int, help="override the preset's depth")
-    parser.add_argument("--init", help="start from this model.pt (or its --out folder) instead of a fresh init")
-    parser.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, corpus.bin, val.bin")
-    parser.add_argument("--out", default="runs/tiny/pretrain")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps, cooldown included")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per process and micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak LR (of the vector-like groups under µP)")
-    parser.add_argument("--min-lr", type=float, help="LR at the end of the cooldown (default: lr / 250, the "
-                                                     "report's 2.5e-4 -> 1e-6)")
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    parser.add_argument("--cooldown-steps", type=int, help="final linear LR anneal, in bf16 (default: the "
-                                                          "context schedule's steps, else 120)")
-    parser.add_argument("--context-schedule", help="cooldown stages LEN:STEPS,...; the first LEN is --seq-len; "
-                                                   "later stages interleave LEN-token batches every 4th step")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--fp8-after", type=int, help="FP8 block matmuls from this step until the cooldown")
-    parser.add_argument("--mup", action="store_true", help="µP parametrisation (needs --base-width)")
-    parser.add_argument("--base-width", type=int, help="µP base width: the width the hyper-parameters were tuned at")
-    parser.add_argument("--recompute", action="store_true", help="activation checkpointing: recompute each block "
-                                                                 "in backward")
-    parser.add_argument("--replicate", type=int, default=1, help="HSDP: replicas of the sharded model (DP axis)")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dry-run", metavar="WORLD_SIZES", help="print the per-GPU memory plan for these world "
-                                                                 "sizes (e.g. 8,64,256) and exit")
+    parser = argument_parser(__doc__)
+    what = parser.add_argument_group("model and data")
+    what.add_argument("--model", default="tiny", choices=PRESETS, help="model preset")
+    what.add_argument("--dim", type=int, help="override the preset's width (ffn_dim scales with it)")
+    what.add_argument("--n-layers", type=int, help="override the preset's depth")
+    what.add_argument("--init", help="start from this model.pt (or its --out folder) instead of a fresh init")
+    what.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, corpus.bin, val.bin")
+    what.add_argument("--out", default="runs/tiny/pretrain")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=600, help="optimizer steps, cooldown included")
+    optim.add_argument("--batch-size", type=int, default=8, help="rows per process and micro-batch")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--seq-len", type=int, default=256, help="row length (the base context)")
+    optim.add_argument("--lr", type=float, default=3e-3, help="peak LR (of the vector-like groups under µP)")
+    optim.add_argument("--min-lr", type=float, help="LR at the end of the cooldown (default: lr / 250, the "
+                                                    "report's 2.5e-4 -> 1e-6)")
+    optim.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    optim.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                       help="LR after warmup")
+    optim.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    cooldown = parser.add_argument_group("cooldown and context extension (§2.5)")
+    cooldown.add_argument("--cooldown-steps", type=int, help="final linear LR anneal, in bf16 (default: the "
+                                                             "context schedule's steps, else 120)")
+    cooldown.add_argument("--context-schedule",
+                          help="cooldown stages LEN:STEPS,...; the first LEN is --seq-len; later stages "
+                               "interleave LEN-token batches every 4th step")
+    scale = parser.add_argument_group("precision and scale (§2.4)")
+    scale.add_argument("--fp8-after", type=int, help="FP8 block matmuls from this step until the cooldown")
+    scale.add_argument("--mup", action="store_true", help="µP parametrisation (needs --base-width)")
+    scale.add_argument("--base-width", type=int,
+                       help="µP base width: the width the hyper-parameters were tuned at")
+    scale.add_argument("--recompute", action="store_true",
+                       help="activation checkpointing: recompute each block in backward")
+    scale.add_argument("--replicate", type=int, default=1,
+                       help="HSDP: replicas of the sharded model (DP axis)")
+    scale.add_argument("--dry-run", metavar="WORLD_SIZES",
+                       help="print the per-GPU memory plan for these world sizes (e.g. 8,64,256) and exit")
+    run = add_run_flags(parser, log_every=10, save_every=200, seed_help="initialisation and data order",
+                        generation=False)
+    run.add_argument("--eval-every", type=int, default=100, help="validation loss and bpb every N steps")
+    run.add_argument("--eval-batches", type=int, default=8, help="validation batches")
     args = parser.parse_args(argv)
     if args.mup != (args.base_width is not None):
         parser.error("--mup and --base-width go together")
@@ -83,13 +84,14 @@ def parse_args(argv=None):
     if args.cooldown_steps is None:
         args.cooldown_steps = schedule_steps if args.stages else 120
     if args.stages and args.cooldown_steps != schedule_steps:
-        parser.error(f"--cooldown-steps {args.cooldown_steps} differs from the context schedule's {schedule_steps}")
+        parser.error(f"--cooldown-steps {args.cooldown_steps} differs from the context schedule's "
+                     f"{schedule_steps}")
     if args.cooldown_steps > args.steps:
         parser.error(f"the cooldown ({args.cooldown_steps} steps) is longer than --steps {args.steps}")
     for length, _ in args.stages[1:]:
         if (args.batch_size * args.seq_len) % length:
-            parser.error(f"context length {length} must divide the batch's {args.batch_size} x {args.seq_len} "
-                         f"tokens: long batches keep the tokens per step")
+            parser.error(f"context length {length} must divide the batch's {args.batch_size} x "
+                         f"{args.seq_len} tokens: long batches keep the tokens per step")
     return args
 
 
@@ -137,33 +139,6 @@ def open_data_shard(path: Path, enc, seq_len: int):
     return shard
 
 
-def token_bytes(enc) -> torch.Tensor:
-    """UTF-8 bytes of every token; 0 for special tokens, which stand for no text."""
-    special = {enc.encode_single_token(token) for token in enc.special_tokens_set}
-    return torch.tensor([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
-
-
-@torch.no_grad()
-def evaluate(model, enc, val, args, runtime, bytes_of) -> tuple[float, float]:
-    """Validation loss (nats/token) and bits per byte, loss * tokens / (ln 2 * bytes), on the same
-    --eval-batches batches of val.bin every time. The bytes are those of the predicted tokens' text, so bpb
-    compares models whatever their tokenizer."""
-    model.eval()
-    nats = n_tokens = n_bytes = 0.0
-    for i in range(args.eval_batches):
-        batch = {k: v.to(runtime.device) for k, v in
-                 shard_batch(enc, val, i, args.batch_size, args.seq_len, 0, runtime.rank, runtime.world_size).items()}
-        valid = batch["targets"] != IGNORE
-        with autocast(runtime):
-            loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
-        nats += loss.item() * valid.sum().item()
-        n_tokens += valid.sum().item()
-        n_bytes += bytes_of[batch["targets"][valid].cpu()].sum().item()
-    model.train()
-    nats, n_tokens, n_bytes = (all_reduce_sum(x, runtime) for x in (nats, n_tokens, n_bytes))
-    return nats / n_tokens, nats / (math.log(2) * n_bytes)
-
-
 def model_config(args, n_vocab: int | None) -> Config:
     """The preset with the command line's overrides; the vocabulary is the tokenizer's."""
     preset = PRESETS[args.model]
@@ -184,8 +159,10 @@ def activation_bytes(config: Config, tokens: int, dtype_bytes: int = 2) -> tuple
     q and k (fp32), SDPA's q, k, v and output (flash attention keeps no T x T scores), silu(gate) and its
     product with up, and out_proj's input. Plus the loss: fp32 gradients of the hidden states and the full
     embedding (ChunkedCrossEntropy computes them in the forward pass)."""
-    attn, kv, ffn, dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.ffn_dim, config.dim
-    per_token = (dtype_bytes * (2 * dim + attn + 2 * kv + 2 * ffn + attn + 2 * kv + attn + 2 * ffn + attn + ffn)
+    attn, kv, ffn, dim = (config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim,
+                          config.ffn_dim, config.dim)
+    per_token = (dtype_bytes * (2 * dim + attn + 2 * kv + 2 * ffn + attn + 2 * kv + attn
+                                + 2 * ffn + attn + ffn)
                  + 4 * (dim + attn + kv))
     loss = 4 * tokens * dim + 4 * config.vocab_size * dim
     full = config.n_layers * per_token * tokens + loss
@@ -203,8 +180,8 @@ def dry_run(args):
     tokens = args.batch_size * args.seq_len * args.grad_accum
     act_full, act_recompute = activation_bytes(config, args.batch_size * args.seq_len)
     print(f"{args.model}: {n_params / 1e9:.2f}B parameters, {config.flops_per_token(args.seq_len) / 1e9:.1f} "
-          f"GFLOP/token (training, seq {args.seq_len}); per GPU: micro-batch {args.batch_size} x {args.seq_len}, "
-          f"{tokens} tokens per step; HSDP replicate {args.replicate}")
+          f"GFLOP/token (training, seq {args.seq_len}); per GPU: micro-batch {args.batch_size} x "
+          f"{args.seq_len}, {tokens} tokens per step; HSDP replicate {args.replicate}")
     print(f"{'GPUs':>6}{'shard':>7}{'params':>9}{'grads':>9}{'AdamW':>9}{'gathered':>10}{'activ.':>9}"
           f"{'total':>9}{'activ. --recompute':>20}{'total':>9}   (GiB)")
     for world_size in (int(w) for w in args.dry_run.split(",")):
@@ -212,9 +189,9 @@ def dry_run(args):
         params, grads, adam = 4 * n_params / shard, 4 * n_params / shard, 8 * n_params / shard
         gathered = 2 * (2 * block_params + config.vocab_size * config.dim)
         fixed = params + grads + adam + gathered
-        print(f"{world_size:6d}{shard:7d}{params / gib:9.1f}{grads / gib:9.1f}{adam / gib:9.1f}{gathered / gib:10.1f}"
-              f"{act_full / gib:9.1f}{(fixed + act_full) / gib:9.1f}{act_recompute / gib:20.1f}"
-              f"{(fixed + act_recompute) / gib:9.1f}")
+        print(f"{world_size:6d}{shard:7d}{params / gib:9.1f}{grads / gib:9.1f}{adam / gib:9.1f}"
+              f"{gathered / gib:10.1f}{act_full / gib:9.1f}{(fixed + act_full) / gib:9.1f}"
+              f"{act_recompute / gib:20.1f}{(fixed + act_recompute) / gib:9.1f}")
 
 
 def main(argv=None):
@@ -228,7 +205,6 @@ def main(argv=None):
     enc = load_tokenizer(str(data / "tokenizer.json"))
     names = ["corpus", "val"] + (["corpus_long"] if args.stages else [])
     shards = {name: open_data_shard(data / f"{name}.bin", enc, args.seq_len) for name in names}
-    bytes_of = token_bytes(enc)
 
     # model and optimizer; config.json records what the next stage needs
     if args.init:
@@ -243,17 +219,19 @@ def main(argv=None):
         raise ValueError(f"{out} holds a run of a different model; pick another --out to start afresh")
     if runtime.is_main:
         write_config(out, "pretrain", args.model, config, args, str(data / "tokenizer.json"), args.init)
+        print_settings("pretrain", args)
     model = build_model(config, runtime, args.init, args.seed, args.recompute)
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = load_checkpoint(out, model, optimizer, runtime)
 
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * runtime.world_size
     cooldown_start = args.steps - args.cooldown_steps
-    logger = Logger(out, runtime, start, args.steps, start * tokens_per_step, config.flops_per_token(args.seq_len))
+    logger = Logger(out, runtime, start, args.steps, start * tokens_per_step,
+                    config.flops_per_token(args.seq_len))
     for step in range(start, args.steps):
         model.set_fp8(args.fp8_after is not None and args.fp8_after <= step < cooldown_start)
-        lr = lr_factor(step, args.steps, args.warmup, args.cooldown_steps, args.min_lr / args.lr,
-                       args.schedule == "cosine")
+        lr = lr_factor(step, steps=args.steps, warmup=args.warmup, cooldown=args.cooldown_steps,
+                       min_ratio=args.min_lr / args.lr, cosine=args.schedule == "cosine")
         set_lr(optimizer, lr)
         long, length, data_step = step_plan(step, args.steps, args.stages, args.seq_len)
         shard, rows = shards["corpus_long" if long else "corpus"], args.batch_size * args.seq_len // length
@@ -265,7 +243,7 @@ def main(argv=None):
         n_targets = all_reduce_sum(sum((b["targets"] != IGNORE).sum().item() for b in batches), runtime)
         loss_sum = 0.0
         for batch in batches:
-            batch = {k: v.to(runtime.device) for k, v in batch.items()}
+            batch = to_device(batch, runtime.device)
             n_local = (batch["targets"] != IGNORE).sum().item()
             with autocast(runtime):
                 loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
@@ -278,7 +256,9 @@ def main(argv=None):
         logger.advance()
         metrics = {}
         if done % args.eval_every == 0 or done == args.steps:
-            metrics["val_loss"], metrics["val_bpb"] = evaluate(model, enc, shards["val"], args, runtime, bytes_of)
+            metrics["val_loss"], metrics["val_bpb"] = validation_loss(model, enc, shards["val"],
+                                                                      args.eval_batches, args.batch_size,
+                                                                      args.seq_len, runtime)
         if done % args.log_every == 0 or done == args.steps or metrics:
             logger.log(done, done * tokens_per_step, loss=loss, lr=lr * args.lr, grad_norm=grad_norm,
                        seq_len=length, **metrics)

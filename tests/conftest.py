@@ -20,7 +20,8 @@ def world(tmp_path_factory):
     val shards."""
     folder = tmp_path_factory.mktemp("world")
     tasks.build(folder, seed=0, scale=0.05)
-    texts = {name: [r["text"] for r in read_jsonl(folder / f"{name}.jsonl", "text")] for name in ("corpus", "val")}
+    texts = {name: [r["text"] for r in read_jsonl(folder / f"{name}.jsonl", "text")]
+             for name in ("corpus", "val")}
     save_tokenizer(folder / "tokenizer.json", train_bpe(texts["corpus"], vocab_size=600))
     enc = load_tokenizer(str(folder / "tokenizer.json"))
     for name, docs in texts.items():
@@ -38,7 +39,8 @@ def save_parent(folder, enc, world, seed=0):
     config = Config(vocab_size=enc.n_vocab, **SMALL)
     torch.manual_seed(seed)
     torch.save(Transformer(config).state_dict(), folder / "model.pt")
-    common.write_config(folder, "init", "tiny", config, argparse.Namespace(), str(world / "tokenizer.json"), None)
+    common.write_config(folder, "init", "tiny", config, argparse.Namespace(),
+                        str(world / "tokenizer.json"), None)
     return folder
 
 

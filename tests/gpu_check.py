@@ -60,8 +60,8 @@ def main():
         sys.exit("gpu_check.py needs a CUDA GPU")
     tokens = args.batch_size * args.seq_len
     flops_per_step = CONFIG.flops_per_token(args.seq_len) * tokens
-    print(f"{torch.cuda.get_device_name()}: {CONFIG.num_params() / 1e9:.2f}B params, batch {args.batch_size} x "
-          f"{args.seq_len}, {CONFIG.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token")
+    print(f"{torch.cuda.get_device_name()}: {CONFIG.num_params() / 1e9:.2f}B params, batch {args.batch_size} "
+          f"x {args.seq_len}, {CONFIG.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP/token")
     seconds = {fp8: measure(fp8, args) for fp8 in (False, True)}
     for fp8, s in seconds.items():
         print(f"{'fp8 ' if fp8 else 'bf16'}  {s * 1e3:8.1f} ms/step  {tokens / s:10.0f} tok/s  "

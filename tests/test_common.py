@@ -30,9 +30,10 @@ def test_weight_decay_only_on_block_matrices_and_mup_scales_their_lr():
         model = Transformer(Config(**{**CONFIG.__dict__, "mup_base_dim": base_dim}))
         names = {id(p): n for n, p in model.named_parameters()}
         matrices, others = common.make_optimizer(model, 1e-3, weight_decay=0.1).param_groups
-        assert sorted(names[id(p)].split(".")[-2] for p in matrices["params"]) == ["in_proj"] * 2 + ["out_proj"] * 2
-        assert {names[id(p)] for p in others["params"]} == {"embed.weight", "norm.weight", "blocks.0.norm.weight",
-                                                          "blocks.1.norm.weight"}
+        assert sorted(names[id(p)].split(".")[-2]
+                      for p in matrices["params"]) == ["in_proj"] * 2 + ["out_proj"] * 2
+        assert {names[id(p)] for p in others["params"]} == {"embed.weight", "norm.weight",
+                                                            "blocks.0.norm.weight", "blocks.1.norm.weight"}
         assert (matrices["weight_decay"], others["weight_decay"]) == (0.1, 0.0)
         assert (matrices["lr"], others["lr"]) == pytest.approx((matrix_lr, 1e-3))
 

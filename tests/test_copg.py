@@ -15,7 +15,6 @@ from data import load_tokenizer, read_jsonl, render_completion
 from prefopt import preference_loss
 
 
-
 def test_copg_loss_on_hand_worked_numbers():
     logps = torch.tensor([[-1.0, -2.0, -3.0]])
     ref_logps = torch.tensor([[-1.0, -1.0, -1.0]])
@@ -38,7 +37,8 @@ def test_copg_loss_is_a_brute_force_sum_over_ordered_pairs():
 
 def test_on_policy_copg_gradient_is_2_beta_k_times_rloo():
     """Samples from π with π = π_ref at the current parameters: CoPG's gradient with respect to each
-    completion's log-prob equals 2βk times that of RLOO's surrogate −1/k Σ_i (R_i − mean_{j≠i} R_j) log π(y_i)."""
+    completion's log-prob equals 2βk times that of RLOO's surrogate
+    −1/k Σ_i (R_i − mean_{j≠i} R_j) log π(y_i)."""
     g = torch.Generator().manual_seed(1)
     beta, k = 0.1, 4
     ref_logps = -5 * torch.rand(6, k, generator=g, dtype=torch.float64)
@@ -108,15 +108,16 @@ def test_verifier_rewards_grade_the_parsed_reply(world):
 
 
 def run(world, parent, out, *extra):
-    copg.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--steps", "2", "--batch-size", "2",
-               "--log-every", "1", "--eval-batch-size", "4", "--device", "cpu", *extra])
+    copg.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--steps", "2",
+               "--batch-size", "2", "--log-every", "1", "--eval-batch-size", "4", "--device", "cpu", *extra])
     for name in ("model.pt", "config.json", "checkpoint.pt"):
         assert (out / name).is_file()
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_offline_copg_runs_end_to_end_on_scored_groups(world, parent, tmp_path):
-    lines = run(world, parent, tmp_path / "run", "--capability", "code", "--mode", "offline", "--sft-weight", "0.5")
+    lines = run(world, parent, tmp_path / "run", "--capability", "code", "--mode", "offline",
+                "--sft-weight", "0.5")
     steps = [line for line in lines if "loss" in line]
     assert [line["step"] for line in steps] == [1, 2]
     assert all(math.isfinite(line["loss"]) and line["sft_loss"] > 0 for line in steps)
@@ -140,13 +141,14 @@ def test_online_copg_with_the_verifier_replay_and_regularisers_runs_end_to_end(w
 
 def test_a_restarted_online_run_resumes_exactly(world, parent, tmp_path):
     """Sampling is seeded by the step, so two steps, then a restart to four, equal four steps straight."""
-    common_args = ["--capability", "math", "--mode", "online", "--k", "2", "--max-new-tokens", "6", "--lr", "1e-3",
-                   "--data", str(world), "--init", str(parent), "--batch-size", "2", "--eval-batch-size", "4",
-                   "--device", "cpu"]
+    common_args = ["--capability", "math", "--mode", "online", "--k", "2", "--max-new-tokens", "6",
+                   "--lr", "1e-3", "--data", str(world), "--init", str(parent), "--batch-size", "2",
+                   "--eval-batch-size", "4", "--device", "cpu"]
     copg.main([*common_args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "2"])
     copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "4"])
-    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("straight", "resumed"))
+    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True)
+                         for run in ("straight", "resumed"))
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
@@ -158,7 +160,7 @@ def test_online_copg_with_reward_model_rewards_runs(world, parent, tmp_path):
         (reward_folder / name).write_bytes((parent / name).read_bytes())
     torch.manual_seed(0)
     torch.save(torch.nn.Linear(SMALL["dim"], 1, bias=False).state_dict(), reward_folder / "head.pt")
-    lines = run(world, parent, tmp_path / "run", "--capability", "instruct", "--k", "2", "--max-new-tokens", "6",
-                "--reward", f"rm:{reward_folder}")
+    lines = run(world, parent, tmp_path / "run", "--capability", "instruct", "--k", "2",
+                "--max-new-tokens", "6", "--reward", f"rm:{reward_folder}")
     rewards = [line["reward"] for line in lines if "loss" in line]
     assert len(rewards) == 2 and all(math.isfinite(r) and r != 0.0 for r in rewards)

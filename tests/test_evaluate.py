@@ -10,9 +10,9 @@ import torch
 
 import evaluate
 import tasks
+from common import token_bytes
 from data import BOS, load_tokenizer, open_shard, read_jsonl, save_tokenizer, train_bpe, write_shard
 from model import Config, Transformer
-from pretrain import token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def world(tmp_path_factory):
     save_tokenizer(folder / "tokenizer.json", train_bpe(texts, vocab_size=600))
     enc = load_tokenizer(str(folder / "tokenizer.json"))
     write_shard(enc, [r["text"] for r in read_jsonl(folder / "val.jsonl", "text")], folder / "val.bin")
-    config = Config(vocab_size=enc.n_vocab, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, window=64)
+    config = Config(vocab_size=enc.n_vocab, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                    window=64)
     model_dir = folder / "model"
     model_dir.mkdir()
     torch.manual_seed(0)
@@ -54,14 +55,15 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_times_tokens_per_byte(wo
 def test_suite_writes_json_and_markdown_and_the_report_table(world, tmp_path):
     folder, _, _ = world
     out = tmp_path / "eval.json"
-    evaluate.main(["--model", str(folder / "model"), "--data", str(folder), "--capabilities", "math", "safety",
-                   "--limit", "3", "--out", str(out)])
+    evaluate.main(["--model", str(folder / "model"), "--data", str(folder),
+                   "--capabilities", "math", "safety", "--limit", "3", "--out", str(out)])
     result = json.loads(out.read_text())
     assert set(result["capabilities"]) == {"math", "safety"}
     for metrics in result["capabilities"].values():
         assert 0.0 <= metrics["format"] <= 1.0 and metrics["tokens_per_s"] > 0
     assert 0.0 <= result["capabilities"]["math"]["accuracy"] <= 1.0 and result["bpb"] > 0
-    assert "| checkpoint | math (accuracy) | safety (reward) | format | bpb |" in out.with_suffix(".md").read_text()
+    assert ("| checkpoint | math (accuracy) | safety (reward) | format | bpb |"
+            in out.with_suffix(".md").read_text())
     second = tmp_path / "second.json"
     second.write_text(json.dumps(result | {"model": "other"}))
     report = tmp_path / "report.md"
@@ -73,9 +75,10 @@ def test_suite_writes_json_and_markdown_and_the_report_table(world, tmp_path):
 def test_evaluate_chat_grades_each_reply_with_the_tasks_verifier(world, monkeypatch):
     folder, enc, config = world
     records = read_jsonl(folder / "eval" / "math.jsonl", "prompt")[:4]
-    replies = [{"thinking": None, "action": None, "response": f"Answer: {r['check']['answer']}", "ended": True}
-               for r in records[:2]] + [{"thinking": None, "action": None, "response": "Answer: -1", "ended": False}
-                                        for _ in records[2:]]
+    replies = [{"thinking": None, "action": None, "response": f"Answer: {r['check']['answer']}",
+                "ended": True} for r in records[:2]] + [{"thinking": None, "action": None,
+                                                         "response": "Answer: -1", "ended": False}
+                                                        for _ in records[2:]]
     monkeypatch.setattr(evaluate, "generate_replies", lambda *args, **kwargs: (replies, 100.0))
     metrics = evaluate.evaluate_chat(None, enc, records, 8)
     assert metrics["accuracy"] == 0.5 and metrics["format"] == 0.5 and metrics["tokens_per_s"] == 100.0

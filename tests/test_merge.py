@@ -36,8 +36,8 @@ def load(path):
 
 
 def test_lazy_checkpoint_reads_every_tensor_exactly(tmp_path):
-    state = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(4, 6).t(), "d": torch.randn(10)[2:7],
-             "e": torch.randn(3).bfloat16()}
+    state = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(4, 6).t(),
+             "d": torch.randn(10)[2:7], "e": torch.randn(3).bfloat16()}
     torch.save(state, tmp_path / "lazy.pt")
     checkpoint = LazyCheckpoint(tmp_path / "lazy.pt")
     for name, tensor in state.items():
@@ -120,14 +120,14 @@ def test_slerp_follows_the_great_circle_and_keeps_the_norm():
     assert torch.allclose(slerp(0.3, a, 3 * a), 0.7 * a + 0.9 * a)  # parallel: plain interpolation
 
 
-# --- weight search -----------------------------------------------------------------------------------------------
+# --- weight search ------------------------------------------------------------------------------------------
 
 NEEDS = {"a": 0.5, "b": 0.2, "c": 0.2}  # the weight each domain's expert needs in the merge to keep its score
 
 
 def threshold_score(calls=None):
-    """A stand-in for evaluate.py: domain d keeps its expert's score 1 once its expert's weight reaches NEEDS[d],
-    and loses it linearly below."""
+    """A stand-in for evaluate.py: domain d keeps its expert's score 1 once its expert's weight reaches
+    NEEDS[d], and loses it linearly below."""
     def score(weights, names):
         if calls is not None:
             calls.append(list(weights))
@@ -156,7 +156,8 @@ def test_search_leaves_out_domains_with_nothing_to_retain_and_reports_collisions
     best, candidates = search_weights(["a", "b", "c"], score, budget=6)
     assert set(best["retention"]) == {"a", "c"}
     printed = capsys.readouterr().out
-    assert "left out: b" in printed and "collision: leaving out model 2 (c) raises a 0.000 -> 0.500" in printed
+    assert ("left out: b" in printed
+            and "collision: leaving out model 2 (c) raises a 0.000 -> 0.500" in printed)
     leave_out_2 = next(c for c in candidates if c["kind"] == "leave out 2")
     assert leave_out_2["scores"]["a"] > candidates[0]["scores"]["a"]
     best, candidates = search_weights(["b", "b"], lambda weights, names: {d: 0.0 for d in names}, budget=3,

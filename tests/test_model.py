@@ -1,4 +1,5 @@
-"""model.py: parity with transformers' Cohere2, masking, KV-cache generation, FP8, parameter and FLOP counts."""
+"""model.py: parity with transformers' Cohere2, masking, KV-cache generation, FP8, parameter and FLOP
+counts."""
 
 import pytest
 import torch
@@ -6,9 +7,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, build_pair,
-                   convert_cohere2_state_dict, document_positions, generate, sample, scaled_mm, to_cohere2_config)
+                   convert_cohere2_state_dict, document_positions, generate, sample, scaled_mm,
+                   to_cohere2_config)
 
-SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8, max_seq_len=64)
+SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
+               max_seq_len=64)
 
 
 def make_model(config=SMALL, seed=0, init_std=None):
@@ -18,13 +21,14 @@ def make_model(config=SMALL, seed=0, init_std=None):
     return Transformer(config).eval()
 
 
-# --- parity with Hugging Face Cohere2 -------------------------------------------------------------------------
+# --- parity with Hugging Face Cohere2 -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [
     Config(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=16),
-    Config(vocab_size=300, dim=96, n_layers=8, n_heads=6, n_kv_heads=3, ffn_dim=160, window=7, rope_theta=10000.0,
-           logit_scale=0.0625),
-    Config(vocab_size=128, dim=32, n_layers=3, n_heads=4, n_kv_heads=1, ffn_dim=48, window=5, logit_scale=0.3),
+    Config(vocab_size=300, dim=96, n_layers=8, n_heads=6, n_kv_heads=3, ffn_dim=160, window=7,
+           rope_theta=10000.0, logit_scale=0.0625),
+    Config(vocab_size=128, dim=32, n_layers=3, n_heads=4, n_kv_heads=1, ffn_dim=48, window=5,
+           logit_scale=0.3),
 ])
 def test_logits_match_transformers_cohere2(config):
     pytest.importorskip("transformers")
@@ -65,12 +69,13 @@ def test_cohere2_config_round_trip_and_r7b_config():
 
 
 def test_convert_cohere2_state_dict_rejects_unknown_keys():
-    hf_sd = {k: torch.zeros(1) for k in ("model.embed_tokens.weight", "model.norm.weight", "model.extra.weight")}
+    hf_sd = {k: torch.zeros(1) for k in ("model.embed_tokens.weight", "model.norm.weight",
+                                         "model.extra.weight")}
     with pytest.raises(ValueError, match="model.extra.weight|extra.weight"):
         convert_cohere2_state_dict(hf_sd)
 
 
-# --- attention masks -----------------------------------------------------------------------------------------
+# --- attention masks ----------------------------------------------------------------------------------------
 
 def influence(model, position, seq_len=40):
     """Which output positions change when the token at `position` changes."""
@@ -119,7 +124,7 @@ def test_packed_documents_give_the_same_logits_as_separate_runs():
     assert (packed - separate).abs().max() < 1e-5
 
 
-# --- loss ----------------------------------------------------------------------------------------------------
+# --- loss ---------------------------------------------------------------------------------------------------
 
 def test_chunked_cross_entropy_matches_full_logits_loss_and_gradients():
     torch.manual_seed(0)
@@ -161,7 +166,7 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
         assert torch.allclose(model.loss(idx, targets), expected, atol=1e-6)
 
 
-# --- generation ----------------------------------------------------------------------------------------------
+# --- generation ---------------------------------------------------------------------------------------------
 
 def uncached_greedy(model, prompt, max_new_tokens):
     tokens = list(prompt)
@@ -213,7 +218,7 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     assert sample(logits[:1], 0, 1.0).item() == 0
 
 
-# --- FP8 -----------------------------------------------------------------------------------------------------
+# --- FP8 ----------------------------------------------------------------------------------------------------
 
 def relative_error(got, want):
     return ((got - want).norm() / want.norm()).item()
@@ -299,7 +304,7 @@ def test_fp8_switches_on_and_off_at_run_time():
         assert torch.equal(model(idx), reference)
 
 
-# --- sizes, FLOPs, bad input ---------------------------------------------------------------------------------
+# --- sizes, FLOPs, bad input --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset, billions", [("command-a", 111.06), ("r7b", 8.03)])
 def test_full_size_presets_build_on_meta_with_the_reported_parameter_count(preset, billions):
@@ -360,7 +365,8 @@ def test_sequence_logps_of_packed_sequences_equal_each_sequence_scored_alone():
     targets = torch.full_like(tokens, -100)
     start = 0
     for s, first in zip(sequences, scored_from):
-        targets[0, start + first - 1:start + len(s) - 1] = s[first:]  # target t is token t + 1 of the sequence
+        # target t is token t + 1 of the sequence
+        targets[0, start + first - 1:start + len(s) - 1] = s[first:]
         start += len(s)
     with torch.no_grad():
         summed = model.sequence_logps(tokens, targets, doc_ids, n_sequences=3)

@@ -8,10 +8,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_the_whole_pipeline_runs_and_writes_the_report(tmp_path):
     env = {**os.environ, "QUICK": "1", "DATA": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs")}
-    result = subprocess.run(["bash", os.path.join(ROOT, "run_tiny.sh")], env=env, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_tiny.sh")], env=env, capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stage in ("pretrain", "instruct", "sft-code", "sft-soup", "rl-code", "rl-soup", "polish-bon", "polished"):
+    for stage in ("pretrain", "instruct", "sft-code", "sft-soup", "rl-code", "rl-soup", "polish-bon",
+                  "polished"):
         assert (tmp_path / "runs" / stage / "model.pt").is_file(), stage
     rows = (tmp_path / "runs" / "report.md").read_text().splitlines()
     assert len(rows) == 2 + 4 and rows[-1].startswith(f"| {tmp_path / 'runs' / 'polished'} |")

@@ -1,6 +1,6 @@
-"""prefopt.py: preference_loss against hand-worked numbers, TRL's formulas re-derived, and SRPO's analytic optimum;
-the revision prompt, the reference log-prob cache (fresh = cached, stale = recomputed), self-refinement, and
-end-to-end runs of every loss on a small synthetic world."""
+"""prefopt.py: preference_loss against hand-worked numbers, TRL's formulas re-derived, and SRPO's analytic
+optimum; the revision prompt, the reference log-prob cache (fresh = cached, stale = recomputed),
+self-refinement, and end-to-end runs of every loss on a small synthetic world."""
 
 import json
 import math
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import evaluate
 import prefopt
 from conftest import save_parent
 from data import END_OF_TURN, chat_stop_tokens, read_jsonl, render_completion, render_prompt
@@ -27,7 +28,8 @@ HAND = dict(policy_chosen_logps=logps(-1.0), policy_rejected_logps=logps(-2.0),
 
 
 def test_dpo_ipo_slic_on_hand_worked_numbers():
-    assert preference_loss(**HAND, loss_type="dpo", beta=0.1).item() == pytest.approx(math.log(1 + math.exp(-0.1)))
+    assert preference_loss(**HAND, loss_type="dpo", beta=0.1).item() \
+        == pytest.approx(math.log(1 + math.exp(-0.1)))
     assert preference_loss(**HAND, loss_type="ipo", beta=0.1).item() == pytest.approx((1 - 5) ** 2)
     # relu(1 - (-1) + (-2)) = 0, plus 0.1 * 1.0 of chosen cross-entropy
     assert preference_loss(**HAND, loss_type="slic", beta=0.1, slic_delta=1.0, slic_lambda=0.1).item() \
@@ -46,14 +48,16 @@ def random_pairs(n=16, seed=0):
 
 def trl_logits(p):
     """TRL's DPOTrainer: logits = (π_c − π_r) − (ref_c − ref_r)."""
-    return (p["policy_chosen_logps"] - p["policy_rejected_logps"]) - (p["ref_chosen_logps"] - p["ref_rejected_logps"])
+    return ((p["policy_chosen_logps"] - p["policy_rejected_logps"])
+            - (p["ref_chosen_logps"] - p["ref_rejected_logps"]))
 
 
 def test_dpo_matches_trl_sigmoid_loss_with_label_smoothing():
     pairs, beta = random_pairs(), 0.2
     labels = torch.linspace(0.5, 1.0, 16, dtype=torch.float64)
     smoothing = 1 - labels  # TRL's label_smoothing (cDPO)
-    trl = -F.logsigmoid(beta * trl_logits(pairs)) * (1 - smoothing) - F.logsigmoid(-beta * trl_logits(pairs)) * smoothing
+    trl = (-F.logsigmoid(beta * trl_logits(pairs)) * (1 - smoothing)
+           - F.logsigmoid(-beta * trl_logits(pairs)) * smoothing)
     assert torch.allclose(preference_loss(**pairs, loss_type="dpo", beta=beta, labels=labels), trl)
 
 
@@ -64,8 +68,8 @@ def test_ipo_matches_trl_ipo_loss_on_per_token_averaged_log_probs():
     lengths = torch.randint(1, length + 1, (4, n), generator=g)
     mask = torch.arange(length) < lengths[..., None]
     averaged = (token_logps * mask).sum(-1) / mask.sum(-1)  # what --length-average hands the loss
-    pairs = dict(zip(("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
-                     averaged))
+    pairs = dict(zip(("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+                      "ref_rejected_logps"), averaged))
     trl = (trl_logits(pairs) - 1 / (2 * beta)) ** 2  # TRL "ipo" on average log-probs
     assert torch.allclose(preference_loss(**pairs, loss_type="ipo", beta=beta), trl)
 
@@ -100,8 +104,8 @@ def test_srpo_recovers_its_analytic_optimum_on_a_tabular_problem():
     optimal_revision = log_ref_revision.t() + prefer / beta - log_z  # [a, b]: log π†(a|b)
     optimal_policy = torch.log_softmax(log_ref - log_z, 0)
 
-    pairs = [(w, l) for w in range(n) for l in range(n) if prefer[w, l] > 0.5]
-    chosen, rejected = torch.tensor([w for w, _ in pairs]), torch.tensor([l for _, l in pairs])
+    pairs = [(w, loser) for w in range(n) for loser in range(n) if prefer[w, loser] > 0.5]
+    chosen, rejected = torch.tensor([w for w, _ in pairs]), torch.tensor([loser for _, loser in pairs])
     labels = prefer[chosen, rejected]
     policy_logits = torch.zeros(n, dtype=torch.float64, requires_grad=True)
     revision_logits = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)  # [a, b]
@@ -115,8 +119,9 @@ def test_srpo_recovers_its_analytic_optimum_on_a_tabular_problem():
             log_pi[chosen], log_pi[rejected], log_ref[chosen], log_ref[rejected], "srpo", beta, labels=labels,
             policy_revision_logps=torch.stack([revision(chosen, rejected), revision(rejected, rejected),
                                                revision(chosen, chosen), revision(rejected, chosen)], -1),
-            ref_revision_logps=torch.stack([ref_revision(chosen, rejected), ref_revision(rejected, rejected),
-                                            ref_revision(chosen, chosen), ref_revision(rejected, chosen)], -1),
+            ref_revision_logps=torch.stack(
+                [ref_revision(chosen, rejected), ref_revision(rejected, rejected),
+                 ref_revision(chosen, chosen), ref_revision(rejected, chosen)], -1),
         ).sum()
         optimizer.zero_grad()
         loss.backward()
@@ -125,10 +130,10 @@ def test_srpo_recovers_its_analytic_optimum_on_a_tabular_problem():
     assert torch.allclose(torch.log_softmax(policy_logits, 0), optimal_policy, atol=1e-4)
     # each π†(·|b) is pinned only through pairs that contain b: compare those columns' log-ratios
     log_revision = torch.log_softmax(revision_logits, 0).detach()
-    for w, l in pairs:
-        for b in (w, l):
-            assert (log_revision[w, b] - log_revision[l, b]).item() == pytest.approx(
-                (optimal_revision[w, b] - optimal_revision[l, b]).item(), abs=1e-4)
+    for w, loser in pairs:
+        for b in (w, loser):
+            assert (log_revision[w, b] - log_revision[loser, b]).item() == pytest.approx(
+                (optimal_revision[w, b] - optimal_revision[loser, b]).item(), abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -137,21 +142,24 @@ def test_srpo_recovers_its_analytic_optimum_on_a_tabular_problem():
 def test_revision_prompt_is_the_conversation_with_the_draft_and_a_revision_request(enc):
     messages = [{"role": "user", "content": "Who leads Verun Metals?"}]
     expected = render_prompt(enc, messages + [{"role": "chatbot", "content": "Nobody."},
-                                              {"role": "user", "content": prefopt.REVISION_REQUEST}])
-    assert prefopt.revision_prompt(enc, messages, "Nobody.") == expected
-    sampled = render_completion(enc, messages, "Nobody.")[1]  # a draft as generate returns it (END_OF_TURN kept)
-    assert prefopt.revision_prompt(enc, messages, sampled) == expected
-    assert prefopt.revision_prompt(enc, messages, sampled[:-1]) == expected  # a cut-off draft closes its turn
+                                              {"role": "user", "content": evaluate.REVISION_REQUEST}])
+    assert evaluate.revision_prompt(enc, messages, "Nobody.") == expected
+    # a draft as generate returns it (END_OF_TURN kept)
+    sampled = render_completion(enc, messages, "Nobody.")[1]
+    assert evaluate.revision_prompt(enc, messages, sampled) == expected
+    # a cut-off draft closes its turn
+    assert evaluate.revision_prompt(enc, messages, sampled[:-1]) == expected
     assert sampled[-1] == enc.encode_single_token(END_OF_TURN)
 
 
 def test_srpo_pair_sequences_follow_srpo_revisions_order(enc):
-    record = {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Good.", "rejected": "Bad.", "label": 1.0}
+    record = {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Good.", "rejected": "Bad.",
+              "label": 1.0}
     sequences = prefopt.pair_sequences(enc, record, srpo=True)
     assert len(sequences) == 2 + len(prefopt.SRPO_REVISIONS)
     for (ids, mask), names in zip(sequences[2:], prefopt.SRPO_REVISIONS):
         revised, shown = names.split("|")
-        prompt = prefopt.revision_prompt(enc, record["messages"], record[shown])
+        prompt = evaluate.revision_prompt(enc, record["messages"], record[shown])
         completion = render_completion(enc, record["messages"], record[revised])[1]
         assert ids == prompt + completion and mask == [0] * len(prompt) + [1] * len(completion)
     assert len(prefopt.pair_sequences(enc, record, srpo=False)) == 2
@@ -162,7 +170,7 @@ def one_at_a_time(model, enc, sequences, average):
     runtime = common.setup("cpu")
     values = []
     for sequence in sequences:
-        sums, counts = prefopt.packed_logps(model, enc, [sequence], 256, runtime)
+        sums, counts = common.packed_logps(model, enc, [sequence], 256, runtime)
         values.append((sums / counts if average else sums).item())
     return torch.tensor(values)
 
@@ -173,12 +181,13 @@ def test_cached_reference_logps_equal_fresh_ones(world, enc, parent, tmp_path, a
     records = read_jsonl(world / "pref" / "instruct.jsonl", "pair")[:4]
     sequences = [s for r in records for s in prefopt.pair_sequences(enc, r, srpo=True)]
     cache = tmp_path / "ref_logps.pt"
-    computed = prefopt.reference_logps(model, enc, sequences, str(parent), average, cache, runtime, 256, batch_size=7)
+    computed = common.reference_logps(model, enc, sequences, str(parent), average, cache, runtime, 256,
+                                      batch_size=7)
     with torch.no_grad():
         assert torch.allclose(computed, one_at_a_time(model, enc, sequences, average), atol=1e-4)
     mtime = cache.stat().st_mtime_ns
-    assert torch.equal(prefopt.reference_logps(model, enc, sequences, str(parent), average, cache, runtime, 256),
-                       computed)
+    assert torch.equal(common.reference_logps(model, enc, sequences, str(parent), average, cache, runtime,
+                                              256), computed)
     assert cache.stat().st_mtime_ns == mtime  # read back, not recomputed
 
 
@@ -188,12 +197,12 @@ def test_a_stale_reference_cache_is_recomputed_not_reused(world, enc, parent, tm
     first = [s for r in records[:3] for s in prefopt.pair_sequences(enc, r, srpo=False)]
     other_data = [s for r in records[3:6] for s in prefopt.pair_sequences(enc, r, srpo=False)]
     cache = tmp_path / "ref_logps.pt"
-    stale = prefopt.reference_logps(model, enc, first, str(parent), False, cache, runtime, 256)
+    stale = common.reference_logps(model, enc, first, str(parent), False, cache, runtime, 256)
     with torch.no_grad():
         fresh = one_at_a_time(model, enc, other_data, False)
     # other data, same number of sequences: the cache's values must not come back
-    assert torch.allclose(prefopt.reference_logps(model, enc, other_data, str(parent), False, cache, runtime, 256),
-                          fresh, atol=1e-4)
+    assert torch.allclose(common.reference_logps(model, enc, other_data, str(parent), False, cache, runtime,
+                                                 256), fresh, atol=1e-4)
     assert not torch.allclose(fresh, stale, atol=1e-4)
     assert "recomputing" in capsys.readouterr().out
     # other init weights: a different key, so recomputed by the (new) model
@@ -202,28 +211,29 @@ def test_a_stale_reference_cache_is_recomputed_not_reused(world, enc, parent, tm
     other_model = common.load_model(other_parent)[0]
     with torch.no_grad():
         expected = one_at_a_time(other_model, enc, other_data, False)
-    assert torch.allclose(prefopt.reference_logps(other_model, enc, other_data, str(other_parent), False, cache,
-                                                  runtime, 256), expected, atol=1e-4)
+    assert torch.allclose(common.reference_logps(other_model, enc, other_data, str(other_parent), False,
+                                                 cache, runtime, 256), expected, atol=1e-4)
     assert "recomputing" in capsys.readouterr().out
     # the same data and init with another setting (per-token averaging): recomputed as well
-    prefopt.reference_logps(other_model, enc, other_data, str(other_parent), True, cache, runtime, 256)
+    common.reference_logps(other_model, enc, other_data, str(other_parent), True, cache, runtime, 256)
     assert "recomputing" in capsys.readouterr().out
 
 
 def test_refine_returns_the_draft_and_each_revision(world, enc, parent):
     model = common.load_model(parent)[0]
     conversations = [r["messages"] for r in read_jsonl(world / "eval" / "instruct.jsonl", "prompt")][:2]
-    completions = prefopt.refine_batch(model, enc, conversations, n_revisions=2, max_new_tokens=6)
+    completions = evaluate.refine_batch(model, enc, conversations, n_revisions=2, max_new_tokens=6)
     assert [len(c) for c in completions] == [3, 3]
     assert all(1 <= len(ids) <= 6 for c in completions for ids in c)
     # greedy: the first draft is what plain generation writes, each revision what generation writes after
     # the revision prompt showing the previous draft, and one conversation alone gets the same
-    drafts = generate(model, [render_prompt(enc, m) for m in conversations], 6, 0.0, stop_tokens=chat_stop_tokens(enc))
+    drafts = generate(model, [render_prompt(enc, m) for m in conversations], 6, 0.0,
+                      stop_tokens=chat_stop_tokens(enc))
     assert [c[0] for c in completions] == drafts
-    revisions = generate(model, [prefopt.revision_prompt(enc, m, d) for m, d in zip(conversations, drafts)], 6, 0.0,
-                         stop_tokens=chat_stop_tokens(enc))
+    revisions = generate(model, [evaluate.revision_prompt(enc, m, d) for m, d in zip(conversations, drafts)],
+                         6, 0.0, stop_tokens=chat_stop_tokens(enc))
     assert [c[1] for c in completions] == revisions
-    assert prefopt.refine(model, enc, conversations[0], 2, 6) == completions[0]
+    assert evaluate.refine(model, enc, conversations[0], 2, 6) == completions[0]
 
 
 @pytest.mark.parametrize("loss,capability,extra", [
@@ -235,8 +245,8 @@ def test_refine_returns_the_draft_and_each_revision(world, enc, parent):
 def test_prefopt_runs_end_to_end(world, parent, tmp_path, loss, capability, extra):
     out = tmp_path / "run"
     prefopt.main(["--capability", capability, "--init", str(parent), "--data", str(world), "--out", str(out),
-                  "--loss", loss, "--steps", "2", "--batch-size", "2", "--log-every", "1", "--eval-batch-size", "4",
-                  "--device", "cpu", *extra])
+                  "--loss", loss, "--steps", "2", "--batch-size", "2", "--log-every", "1",
+                  "--eval-batch-size", "4", "--device", "cpu", *extra])
     for name in ("model.pt", "config.json", "checkpoint.pt", "ref_logps.pt"):
         assert (out / name).is_file()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -252,10 +262,11 @@ def test_a_restarted_run_resumes_exactly(world, parent, tmp_path):
     """Two steps, then a restart to four (a constant LR, so the first run's schedule is the second's), equals
     four steps straight."""
     common_args = ["--capability", "instruct", "--loss", "srpo", "--init", str(parent), "--data", str(world),
-                   "--batch-size", "2", "--lr", "1e-3", "--min-lr", "1e-3", "--warmup", "0", "--eval-batch-size", "4",
-                   "--device", "cpu"]
+                   "--batch-size", "2", "--lr", "1e-3", "--min-lr", "1e-3", "--warmup", "0",
+                   "--eval-batch-size", "4", "--device", "cpu"]
     prefopt.main([*common_args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     prefopt.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "2"])
     prefopt.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "4"])
-    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("straight", "resumed"))
+    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True)
+                         for run in ("straight", "resumed"))
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)

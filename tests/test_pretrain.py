@@ -15,7 +15,8 @@ import torch
 
 import common
 import pretrain
-from data import IGNORE, SPECIAL_TOKENS, load_tokenizer, open_shard, save_tokenizer, shard_batch, train_bpe, write_shard
+from data import (IGNORE, SPECIAL_TOKENS, load_tokenizer, open_shard, save_tokenizer, shard_batch, train_bpe,
+                  write_shard)
 from model import Config, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,14 +26,16 @@ FAST = ["--dim", "64", "--n-layers", "2", "--batch-size", "4", "--seq-len", "64"
 
 
 def sentences(rng: random.Random, n: int) -> list[str]:
-    names, verbs, things = ["Ada", "Bo", "Cy", "Di"], ["sells", "buys", "makes"], ["lamps", "tea", "maps", "rope"]
+    names, verbs, things = (["Ada", "Bo", "Cy", "Di"], ["sells", "buys", "makes"],
+                            ["lamps", "tea", "maps", "rope"])
     return [" ".join(f"{rng.choice(names)} {rng.choice(verbs)} {rng.randint(1, 99)} {rng.choice(things)}."
                      for _ in range(rng.randint(2, 12))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A tokenizer and corpus / corpus_long / val shards of a small templated world, as data.py writes them."""
+    """A tokenizer and corpus / corpus_long / val shards of a small templated world, as data.py writes
+    them."""
     folder = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
     texts = {"corpus": sentences(rng, 600), "val": sentences(rng, 60),
@@ -92,7 +95,8 @@ def test_run_writes_artifacts_learns_and_reports_bits_per_byte(data, tmp_path):
     assert metrics[-1]["tokens"] == 30 * 4 * 64
     info = json.loads((tmp_path / "config.json").read_text())
     enc = load_tokenizer(str(data / "tokenizer.json"))
-    assert info["model"]["vocab_size"] == enc.n_vocab and info["stage"] == "pretrain" and info["args"]["steps"] == 30
+    assert (info["model"]["vocab_size"] == enc.n_vocab and info["stage"] == "pretrain"
+            and info["args"]["steps"] == 30)
     model, _ = common.load_model(tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["model"].items())
@@ -128,12 +132,14 @@ def test_interrupted_run_resumes_to_the_same_losses(data, parent, reference, tmp
 
 
 def test_two_accumulated_micro_batches_of_two_rows_equal_one_batch_of_four(data, parent, reference, tmp_path):
-    metrics = run(data, tmp_path, "--init", str(parent), "--steps", "3", "--batch-size", "2", "--grad-accum", "2")
+    metrics = run(data, tmp_path, "--init", str(parent), "--steps", "3", "--batch-size", "2",
+                  "--grad-accum", "2")
     assert losses(metrics) == pytest.approx(losses(reference)[:3], abs=1e-5)
 
 
 def test_recomputing_activations_changes_no_loss_nor_checkpoint_key(data, parent, reference, tmp_path):
-    assert losses(run(data, tmp_path, "--init", str(parent), "--steps", "3", "--recompute")) == losses(reference)[:3]
+    assert losses(run(data, tmp_path, "--init", str(parent), "--steps", "3",
+                      "--recompute")) == losses(reference)[:3]
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert list(saved) == list(torch.load(parent / "model.pt", weights_only=True))
 
@@ -194,11 +200,13 @@ def test_a_different_model_on_the_same_out_is_refused(data, tmp_path):
 # --- schedules --------------------------------------------------------------------------------------------
 
 def test_lr_warms_up_holds_then_cools_down_linearly_to_the_minimum():
-    factors = [common.lr_factor(s, 20, warmup=4, cooldown=6, min_ratio=0.004, cosine=False) for s in range(20)]
+    factors = [common.lr_factor(s, 20, warmup=4, cooldown=6, min_ratio=0.004, cosine=False)
+               for s in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4:15] == [1.0] * 11
     assert factors[14:] == pytest.approx([1.0, 0.8008, 0.6016, 0.4024, 0.2032, 0.004])
     cosine = [common.lr_factor(s, 20, warmup=4, cooldown=0, min_ratio=0.1, cosine=True) for s in range(20)]
-    assert cosine[3] == 1.0 and cosine[-1] == pytest.approx(0.1) and cosine == sorted(cosine[:4]) + sorted(cosine[4:])[::-1]
+    assert (cosine[3] == 1.0 and cosine[-1] == pytest.approx(0.1)
+            and cosine == sorted(cosine[:4]) + sorted(cosine[4:])[::-1])
 
 
 def test_context_schedule_interleaves_long_batches_every_fourth_step():
@@ -208,14 +216,15 @@ def test_context_schedule_interleaves_long_batches_every_fourth_step():
     assert lengths == [64] * 4 + [64] * 4 + [64, 64, 64, 128] * 2 + [64, 64, 64, 256]
     main_steps = [d for long, _, d in plan if not long]
     long_steps = [d for long, _, d in plan if long]
-    assert main_steps == list(range(17)) and long_steps == [0, 1, 2]  # each shard read in order, nothing skipped
+    # each shard read in order, nothing skipped
+    assert main_steps == list(range(17)) and long_steps == [0, 1, 2]
     with pytest.raises(ValueError, match="first stage is the base length"):
         pretrain.parse_context_schedule("128:4,256:4", 64)
 
 
 def test_cooldown_run_feeds_long_batches_with_the_same_tokens_per_step(data, tmp_path):
-    metrics = run(data, tmp_path, "--steps", "12", "--context-schedule", "64:2,128:4,256:4", "--cooldown-steps", "10",
-                  "--fp8-after", "1")
+    metrics = run(data, tmp_path, "--steps", "12", "--context-schedule", "64:2,128:4,256:4",
+                  "--cooldown-steps", "10", "--fp8-after", "1")
     assert [m["seq_len"] for m in metrics] == [64] * 7 + [128] + [64] * 3 + [256]
     assert [m["tokens"] for m in metrics] == [256 * (s + 1) for s in range(12)]
     assert metrics[-1]["lr"] == pytest.approx(3e-3 / 250)
@@ -250,8 +259,8 @@ def coordinate_slopes(mup: bool, widths=(64, 128, 256, 512), steps=8, lr=1e-2) -
     idx = torch.randint(256, (4, 33))
     for width in widths:
         torch.manual_seed(0)
-        model = Transformer(Config(vocab_size=256, dim=width, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=2 * width,
-                                   window=16, mup_base_dim=64 if mup else None))
+        model = Transformer(Config(vocab_size=256, dim=width, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   ffn_dim=2 * width, window=16, mup_base_dim=64 if mup else None))
         optimizer = common.make_optimizer(model, lr, weight_decay=0.0)
         for _ in range(steps):
             model.loss(idx[:, :-1], idx[:, 1:]).backward()

@@ -1,5 +1,5 @@
-"""sft.py: loss only on chatbot tokens, packing changes nothing, the L2-to-init term, best-of-N's pick, the data
-order, and end-to-end runs (resume, regularisers, evaluation) on a small synthetic world."""
+"""sft.py: loss only on chatbot tokens, packing changes nothing, the L2-to-init term, best-of-N's pick, the
+data order, and end-to-end runs (resume, regularisers, evaluation) on a small synthetic world."""
 
 import json
 
@@ -11,13 +11,15 @@ import common
 import sft
 from data import IGNORE, read_jsonl, record_indices, render, save_tokenizer, sft_batch, train_bpe
 
+
 @pytest.fixture(scope="module")
 def model(parent):
     return common.load_model(parent)[0]
 
 
 def conversations(world, n=6):
-    return read_jsonl(world / "sft" / "instruct.jsonl", "sft")[:n] + read_jsonl(world / "sft" / "rag.jsonl", "sft")[:2]
+    return (read_jsonl(world / "sft" / "instruct.jsonl", "sft")[:n]
+            + read_jsonl(world / "sft" / "rag.jsonl", "sft")[:2])
 
 
 def test_only_chatbot_tokens_carry_loss(world, enc, model):
@@ -46,7 +48,8 @@ def test_packed_and_unpacked_batches_give_the_same_sft_loss(world, enc, model):
         for record in records:
             alone = sft_batch(enc, [record], len(render(enc, record["messages"])[0]))
             n = (alone["targets"] != IGNORE).sum().item()
-            total += model.loss(alone["tokens"], alone["targets"], alone["doc_ids"], alone["positions"]).item() * n
+            total += model.loss(alone["tokens"], alone["targets"], alone["doc_ids"],
+                                alone["positions"]).item() * n
             count += n
         loss = model.loss(packed["tokens"], packed["targets"], packed["doc_ids"], packed["positions"]).item()
     assert loss == pytest.approx(total / count, rel=1e-5)
@@ -103,8 +106,8 @@ def test_experts_get_a_small_share_of_the_other_capabilities(world):
 
 
 def run(world, parent, out, *flags):
-    sft.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--batch-size", "4", "--seq-len",
-              "256", "--warmup", "1", "--log-every", "1", "--save-every", "2", *flags])
+    sft.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--batch-size", "4",
+              "--seq-len", "256", "--warmup", "1", "--log-every", "1", "--save-every", "2", *flags])
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -114,7 +117,8 @@ def test_sft_runs_resumes_exactly_and_evaluates(world, parent, tmp_path, capsys)
     run(world, parent, tmp_path / "b", "--steps", "2", *flags)
     (tmp_path / "b" / "model.pt").unlink()
     resumed = run(world, parent, tmp_path / "b", "--steps", "4", *flags)
-    assert [m["loss"] for m in straight if "loss" in m] == pytest.approx([m["loss"] for m in resumed if "loss" in m])
+    assert ([m["loss"] for m in straight if "loss" in m]
+            == pytest.approx([m["loss"] for m in resumed if "loss" in m]))
     assert [m["pretrain"] for m in straight if "loss" in m] == [False, False, False, True]
     l2 = [m["l2"] for m in straight if "loss" in m]
     assert l2[0] == 0 and all(value > 0 for value in l2[1:])  # θ = θ₀ until the first update

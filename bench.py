@@ -1,0 +1,140 @@
+"""
+Benchmarks (figures in RESULTS.md):
+
+    python bench.py model [--preset small ...]   training and generation tokens/s of model.py against
+                                                 transformers' Cohere2ForCausalLM on the same weights, and
+                                                 KV-cache bytes
+    python bench.py merge [--models 7 --preset small]   peak memory of merge.py's streaming merge of N
+                                                        checkpoints
+
+Both print ratios measured side by side in one run: ours and the baseline alternate (ours, theirs, ours, ...),
+so that both see the same machine load.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model import PRESETS, Transformer, build_pair, generate
+
+
+def bench_model(args):
+    """Ours against transformers on the same weights and inputs, timed alternately (ours, theirs, ours, ...)
+    so that both see the same machine load; figures are medians over `repeats` rounds."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = PRESETS[args.preset]
+    hf, ours = build_pair(config)
+    torch.manual_seed(0)
+    data = torch.randint(config.vocab_size, (args.batch_size, args.seq_len + 1))
+    idx, targets = data[:, :-1], data[:, 1:]
+    lengths = torch.randint(args.seq_len // 8, args.seq_len // 4, (args.gen_batch,)).tolist()
+    prompts = [torch.randint(config.vocab_size, (n,)).tolist() for n in lengths]
+    hf_inputs = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    hf_mask = torch.zeros_like(hf_inputs)
+    for row, prompt in enumerate(prompts):  # transformers generates from left-padded prompts too
+        hf_inputs[row, -len(prompt):] = torch.tensor(prompt)
+        hf_mask[row, -len(prompt):] = 1
+
+    tasks = {  # name -> (ours, theirs, tokens per call)
+        "train (fwd+bwd of the LM loss)": (lambda: ours.loss(idx, targets).backward(),
+                                           lambda: hf(input_ids=idx, labels=idx).loss.backward(),
+                                           idx.numel()),
+        "generate (greedy, KV cache)": (
+            lambda: generate(ours, prompts, args.gen_tokens, temperature=0),
+            lambda: hf.generate(input_ids=hf_inputs, attention_mask=hf_mask, max_new_tokens=args.gen_tokens,
+                                min_new_tokens=args.gen_tokens, do_sample=False),
+            len(prompts) * args.gen_tokens),
+    }
+    print(f"preset {args.preset}: {config.num_params() / 1e6:.2f}M params, fp32 on "
+          f"{torch.get_num_threads()} CPU threads; train batch {args.batch_size} x {args.seq_len}; generate "
+          f"{args.gen_batch} prompts of {min(lengths)}-{max(lengths)} tokens + {args.gen_tokens} new")
+    print(f"{'':32}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}")
+    for name, (ours_fn, hf_fn, tokens) in tasks.items():
+        seconds = {ours_fn: [], hf_fn: []}
+        for rep in range(args.repeats + 1):
+            for fn in (ours_fn, hf_fn):
+                start = time.perf_counter()
+                fn()
+                if rep > 0:  # the first round is a warm-up
+                    seconds[fn].append(time.perf_counter() - start)
+        ours_rate, hf_rate = (tokens / sorted(seconds[fn])[len(seconds[fn]) // 2] for fn in (ours_fn, hf_fn))
+        print(f"{name:32}{ours_rate:12.0f}{hf_rate:14.0f}{ours_rate / hf_rate:7.2f}x")
+
+    length = 8 * config.window
+    _, cache = generate(ours, [[1] * (length - 1)], 1, temperature=0, return_cache=True)
+    # k and v of every layer, fp32
+    full = config.n_layers * length * 2 * config.n_kv_heads * config.head_dim * 4
+    print(f"KV cache at {length} tokens (8x window): {cache.nbytes() / 2**20:.2f} MiB with rolling "
+          f"sliding-window buffers vs {full / 2**20:.2f} MiB for a full cache = {cache.nbytes() / full:.1%}")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: since its exec, unlike getrusage's ru_maxrss)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def child_peak_rss_mib(code: str, *argv) -> float:
+    output = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout
+    return float(output.split()[-1])
+
+
+def bench_merge(n_models: int, preset: str):
+    """Peak memory of merging n_models checkpoints of a preset with merge.py, against one model's size."""
+    config = PRESETS[preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(tmp) / "tokenizer.json"
+        tokenizer.write_text("{}")
+        paths = []
+        for i in range(n_models):
+            torch.manual_seed(i)
+            model_dir = Path(tmp) / f"expert{i}"
+            model_dir.mkdir()
+            torch.save(Transformer(config).state_dict(), model_dir / "model.pt")
+            info = {"stage": "bench", "preset": preset, "model": config.__dict__, "tokenizer": str(tokenizer)}
+            (model_dir / "config.json").write_text(json.dumps(info))
+            paths.append(str(model_dir))
+        model_mib = config.num_params() * 4 / 2**20
+        # the baseline child imports what the merge imports (torch alone is a few hundred MiB) and stops
+        baseline = child_peak_rss_mib("import merge, bench; print(bench.peak_rss_mib())")
+        peak = child_peak_rss_mib("import sys, merge, bench; merge.main(sys.argv[1:]); "
+                                  "print(bench.peak_rss_mib())",
+                                  "--out", str(Path(tmp) / "soup"), "--models", *paths)
+    print(f"merging {n_models} `{preset}` checkpoints of {model_mib:.0f} MiB each "
+          f"({n_models * model_mib:.0f} MiB):")
+    print(f"  peak RSS {peak:.0f} MiB, of which {baseline:.0f} MiB is the interpreter with torch imported")
+    print(f"  merge memory {peak - baseline:.0f} MiB = {(peak - baseline) / model_mib:.2f}x one model "
+          f"(the output model plus one input tensor at a time)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    model = commands.add_parser("model", help="model.py against transformers' Cohere2ForCausalLM")
+    model.add_argument("--preset", default="tiny", choices=PRESETS, help="model preset")
+    model.add_argument("--batch-size", type=int, default=8, help="training rows")
+    model.add_argument("--seq-len", type=int, default=256, help="training row length")
+    model.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
+    model.add_argument("--gen-batch", type=int, default=8, help="prompts generated at once")
+    model.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
+    merge = commands.add_parser("merge", help="peak memory of a streaming merge")
+    merge.add_argument("--models", type=int, default=7, help="checkpoints to merge")
+    merge.add_argument("--preset", default="small", choices=PRESETS, help="their preset")
+    args = parser.parse_args(argv)
+    if args.command == "model":
+        bench_model(args)
+    else:
+        bench_merge(args.models, args.preset)
+
+
+if __name__ == "__main__":
+    main()
