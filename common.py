@@ -40,7 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import IGNORE, load_tokenizer, pack, read_sft_data, record_indices, render, shard_batch
+from data import BOS, IGNORE, load_tokenizer, pack, read_sft_data, record_indices, render, shard_batch
 from model import Config, Transformer
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
@@ -422,7 +422,7 @@ class Logger:
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
         shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                 for k, v in record.items() if k in self.SHOWN]
+                 for k, v in record.items() if k in self.SHOWN or k.startswith("copy_")]
         if shown:
             done = step - self.start_step
             eta = (now - self.start_time) / done * (self.steps - step) if done > 0 else 0.0
@@ -488,6 +488,28 @@ def validation_loss(model, enc, shard, n_batches: int, batch_size: int, seq_len:
     model.train(was_training)
     nats, n_tokens, n_bytes = (all_reduce_sum(x, runtime) for x in (nats, n_tokens, n_bytes))
     return nats / n_tokens, nats / (math.log(2) * n_bytes)
+
+
+@torch.no_grad()
+def copy_accuracy(model, enc, probes: list[dict], runtime: Runtime) -> dict:
+    """The copy probes (tasks.copy_probes): the share of the answers' tokens that the model predicts, each
+    greedily given the text and the answer's tokens before it (teacher forcing), by probe name:
+    {"copy_math": ..., "copy_needle@1x": ...}. Per token rather than per answer, so that the learning curve
+    shows the skill forming. Every rank scores every probe (the model may be sharded)."""
+    was_training = model.training
+    model.eval()
+    bos, correct = enc.encode_single_token(BOS), {}
+    for probe in probes:
+        prompt = [bos] + enc.encode_ordinary(probe["text"])
+        ids = [bos] + enc.encode_ordinary(probe["text"] + probe["answer"])
+        if ids[:len(prompt)] != prompt:
+            raise ValueError(f"copy probe answer {probe['answer']!r} merges with the text before it")
+        with autocast(runtime):
+            logits = model(torch.tensor([ids[:-1]], device=runtime.device))
+        predicted = logits[0, len(prompt) - 1:].argmax(-1).tolist()
+        correct.setdefault(probe["name"], []).extend(p == t for p, t in zip(predicted, ids[len(prompt):]))
+    model.train(was_training)
+    return {f"copy_{name}": sum(hits) / len(hits) for name, hits in correct.items()}
 
 
 def packed_logps(model, enc, sequences: list, seq_len: int,

@@ -13,7 +13,7 @@ How this differs from the report:
    µP without its details (model.Config.mup_base_dim, common.make_optimizer).
 
 Reads DATA/tokenizer.json, corpus.bin, val.bin (and corpus_long.bin for the context schedule); writes
-OUT/model.pt, config.json, metrics.jsonl (val loss and bits per byte every --eval-every steps) and
+OUT/model.pt, config.json, metrics.jsonl (val loss, bits per byte, copy probe every --eval-every steps) and
 checkpoint.pt: restarted on the same --out it resumes exactly, under any number of processes.
 
     python pretrain.py                                                   # tiny, CPU: -> runs/tiny/pretrain
@@ -25,10 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import (Logger, add_run_flags, all_reduce_sum, argument_parser, autocast, build_model,
-                    load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step, print_settings,
-                    save_checkpoint, save_model, set_lr, setup, teardown, to_device, validation_loss,
-                    write_config)
-from data import IGNORE, load_tokenizer, open_shard, shard_batch
+                    copy_accuracy, load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step,
+                    print_settings, save_checkpoint, save_model, set_lr, setup, teardown, to_device,
+                    validation_loss, write_config)
+from data import IGNORE, load_tokenizer, open_shard, read_jsonl, shard_batch
 from model import PRESETS, Config
 
 
@@ -205,6 +205,8 @@ def main(argv=None):
     enc = load_tokenizer(str(data / "tokenizer.json"))
     names = ["corpus", "val"] + (["corpus_long"] if args.stages else [])
     shards = {name: open_data_shard(data / f"{name}.bin", enc, args.seq_len) for name in names}
+    probe_file = data / "eval" / "copy.jsonl"  # the copy probe's learning curve, where tasks.py wrote one
+    probes = read_jsonl(probe_file, "text") if probe_file.is_file() else []
 
     # model and optimizer; config.json records what the next stage needs
     if args.init:
@@ -256,6 +258,7 @@ def main(argv=None):
         logger.advance()
         metrics = {}
         if done % args.eval_every == 0 or done == args.steps:
+            metrics |= copy_accuracy(model, enc, probes, runtime) if probes else {}
             metrics["val_loss"], metrics["val_bpb"] = validation_loss(model, enc, shards["val"],
                                                                       args.eval_batches, args.batch_size,
                                                                       args.seq_len, runtime)

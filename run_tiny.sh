@@ -8,14 +8,17 @@
 #
 #     bash run_tiny.sh                 # data/tiny, runs/tiny
 #     QUICK=1 bash run_tiny.sh         # a few steps per stage: checks that the chain runs (tests do this)
+#     SEED=1 bash run_tiny.sh          # another world: data/tiny-seed1, runs/tiny-seed1
 #     DATA=data/x RUNS=runs/x bash run_tiny.sh
 #
 # Every stage resumes from its --out (a weight search replays its search.jsonl), so a stopped run continues
 # where it was.
 set -euo pipefail
 cd "$(dirname "$0")"
-DATA=${DATA:-data/tiny}
-RUNS=${RUNS:-runs/tiny}
+SEED=${SEED:-0}  # the world's seed; the default folders name any other, so that no stage resumes another world's
+SUFFIX=$([ "$SEED" = 0 ] || echo "-seed$SEED")
+DATA=${DATA:-data/tiny$SUFFIX}
+RUNS=${RUNS:-runs/tiny$SUFFIX}
 CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-longctx sft-safety sft-soup \
              rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-soup polish-bon polish-srpo \
              polished)
@@ -44,7 +47,7 @@ stage() {
     printf '%5d s  %s\n' $((SECONDS - start)) "${*:2}" >> "$RUNS/times.txt"
 }
 
-stage python tasks.py --out "$DATA" --seed 0
+stage python tasks.py --out "$DATA" --seed "$SEED"
 stage python data.py tokenizer --data "$DATA"
 stage python data.py shards --data "$DATA"
 stage python pretrain.py --data "$DATA" --out "$RUNS/pretrain" "${PRETRAIN[@]}"

@@ -25,7 +25,8 @@ The same seed and scale give byte-identical files under --out (record kinds: dat
     pref/rm_stage{1,2}.jsonl  reward-model stages (§3.2.3): many pairs with noisy labels,
                         then fewer clean ones
     rl/{cap}.jsonl      {"messages", "task", "check", "capability"}: prompts for online RL
-    eval/{cap}.jsonl    the same on held-out entities and code tasks; eval/rm_pairs.jsonl: held-out pairs
+    eval/{cap}.jsonl    the same on held-out entities and code tasks; eval/rm_pairs.jsonl: held-out pairs;
+                        eval/copy.jsonl: {"text", "answer", "name"}, pretraining's copy probes
     copg/code.jsonl     {"messages", "completions", "rewards"}: offline CoPG groups scored by the code reward
     manifest.json       seed, scale, base context, records and bytes of every file
 
@@ -64,6 +65,7 @@ SFT_SIZES = {"instruct": 1500, "rag": 1200, "multilingual": 1200, "code": 800, "
              "safety": 800}
 PREF_SIZE, RL_SIZE, EVAL_SIZE, STYLE_SIZE = 400, 200, 48, 600
 RM_STAGE1_SIZE, RM_STAGE2_SIZE, RM_EVAL_SIZE, COPG_GROUPS, LONG_DOCS = 3000, 600, 96, 32, 150
+COPY_PROBES = 16          # held-out records per kind of pretraining's copy probes
 FILLER_SHARE = 0.25       # share of plain-chat SFT replies wrapped in filler: the habit polishing must remove
 
 # ---------------------------------------------------------------------------------------------------------
@@ -504,6 +506,25 @@ def corpus(world, rng, size: float) -> list[dict]:
     return [{"text": doc} for doc in docs]
 
 
+def copy_probes(world, rng, base_context: int, count: int) -> list[dict]:
+    """The copy probes that pretrain.py logs, on held-out entities, written as the pretraining text writes
+    them and cut where the model must copy from its context: `count` worked math problems ("math": the first
+    step's operands, all stated in the problem) and `count` single-needle documents at each needle length
+    ("needle@Nx": a 5-digit pass code stated once, N x base_context tokens of haystack before the question).
+    Copying is the skill the math, multilingual and long-context tasks build on. {"text", "answer", "name"}"""
+    probes = []
+    for _ in range(count):
+        problem = make_math(world, rng, "eval")
+        probes.append({"text": f"Problem: {problem['messages'][0]['content']}\nSolution: ",
+                       "answer": problem["reply"]["content"].split(" = ")[0], "name": "math"})
+    for length in NEEDLE_LENGTHS:
+        for _ in range(count):
+            task = make_longctx(world, rng, "eval", base_context, length, "single")
+            probes.append({"text": f"{task['messages'][0]['content']}\nAnswer: ",
+                           "answer": task["reply"]["content"], "name": f"needle@{length}x"})
+    return probes
+
+
 def long_document(world, rng, base_context: int) -> str:
     """A depot log, or a needle task written out with its answer, of 1-8x the base context."""
     if rng.random() < 0.5:
@@ -607,6 +628,7 @@ def build(out, seed: int = 0, scale: float = 1.0, base_context: int = 256) -> di
                                      ("eval/rm_pairs", "eval", RM_EVAL_SIZE, False)):
         files[f"{name}.jsonl"] = reward_model_pairs(world, stream(name), rm_makers, split, count(size), noisy)
     files["copg/code.jsonl"] = copg_groups(world, stream("copg"), count(COPG_GROUPS))
+    files["eval/copy.jsonl"] = copy_probes(world, stream("eval/copy"), base_context, count(COPY_PROBES))
     manifest = {"seed": seed, "scale": scale, "base_context": base_context,
                 "chars_per_token": CHARS_PER_TOKEN, "files": {}}
     for name, records in files.items():

@@ -84,3 +84,36 @@ def test_logger_on_resume_keeps_only_the_lines_up_to_the_checkpoint(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3] and lines[1]["tokens"] == 20
     assert "tokens_per_s" in lines[1] and "mfu" not in lines[1]  # MFU only on GPU
+
+
+class Oracle(torch.nn.Module):
+    """Logits that put all the mass on the next token of `ids`, except at the positions `wrong_at`."""
+
+    def __init__(self, ids: list[int], vocab: int, wrong_at: tuple = ()):
+        super().__init__()
+        self.ids, self.vocab, self.wrong_at = ids, vocab, wrong_at
+
+    def forward(self, tokens):
+        logits = torch.zeros(1, tokens.shape[1], self.vocab)
+        for t in range(tokens.shape[1]):
+            logits[0, t, (self.ids[t + 1] + (t in self.wrong_at)) % self.vocab] = 1.0
+        return logits
+
+
+def test_copy_accuracy_is_the_share_of_answer_tokens_predicted_by_teacher_forcing(world, enc):
+    from data import BOS
+    probe = {"text": "The pass code of Ada Vel is 48213. Question: What is the pass code of Ada Vel?\n"
+                     "Answer: ", "answer": "48213", "name": "needle@1x"}
+    prompt = [enc.encode_single_token(BOS)] + enc.encode_ordinary(probe["text"])
+    ids = [enc.encode_single_token(BOS)] + enc.encode_ordinary(probe["text"] + probe["answer"])
+    n, runtime = len(ids) - len(prompt), one_process()
+    assert n >= 2 and ids[:len(prompt)] == prompt
+    score = lambda oracle, probes: common.copy_accuracy(oracle, enc, probes, runtime)
+    assert score(Oracle(ids, enc.n_vocab), [probe]) == {"copy_needle@1x": 1.0}
+    # the position before the answer predicts its first token; a wrong prediction in the text does not count
+    first_wrong = Oracle(ids, enc.n_vocab, wrong_at=(len(prompt) - 1,))
+    assert score(first_wrong, [probe]) == {"copy_needle@1x": (n - 1) / n}
+    assert score(Oracle(ids, enc.n_vocab, wrong_at=(len(prompt) - 2,)), [probe]) == {"copy_needle@1x": 1.0}
+    wrong_last = Oracle(ids, enc.n_vocab, wrong_at=(len(ids) - 2,))
+    assert score(wrong_last, [probe, {**probe, "name": "math"}]) == {"copy_needle@1x": (n - 1) / n,
+                                                                      "copy_math": (n - 1) / n}

@@ -35,7 +35,7 @@ def sentences(rng: random.Random, n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A tokenizer and corpus / corpus_long / val shards of a small templated world, as data.py writes
-    them."""
+    them, and a copy probe (eval/copy.jsonl)."""
     folder = tmp_path_factory.mktemp("data")
     rng = random.Random(0)
     texts = {"corpus": sentences(rng, 600), "val": sentences(rng, 60),
@@ -44,6 +44,11 @@ def data(tmp_path_factory):
     enc = load_tokenizer(str(folder / "tokenizer.json"))
     for name, docs in texts.items():
         write_shard(enc, docs, folder / f"{name}.bin")
+    probes = [{"text": f"{' '.join(sentences(rng, 2 * length))} The code is {code}. Answer: ", "answer": code,
+               "name": f"needle@{length}x"}
+              for length, code in ((1, "417"), (1, "52"), (2, "903"), (2, "61"))]
+    (folder / "eval").mkdir()
+    (folder / "eval" / "copy.jsonl").write_text("".join(json.dumps(probe) + "\n" for probe in probes))
     return folder
 
 
@@ -91,7 +96,9 @@ def reference(data, parent, tmp_path_factory):
 def test_run_writes_artifacts_learns_and_reports_bits_per_byte(data, tmp_path):
     metrics = run(data, tmp_path, "--steps", "30", "--lr", "1e-2", "--eval-every", "30")
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0
-    assert {"step", "loss", "lr", "tokens", "val_loss", "val_bpb"} <= set(metrics[-1])
+    probes = {"copy_needle@1x", "copy_needle@2x"}
+    assert {"step", "loss", "lr", "tokens", "val_loss", "val_bpb"} | probes <= set(metrics[-1])
+    assert all(0 <= metrics[-1][name] <= 1 for name in probes)
     assert metrics[-1]["tokens"] == 30 * 4 * 64
     info = json.loads((tmp_path / "config.json").read_text())
     enc = load_tokenizer(str(data / "tokenizer.json"))

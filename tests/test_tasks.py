@@ -60,7 +60,7 @@ def test_same_seed_gives_byte_identical_files_from_the_command_line_and_from_bui
     names = sorted(p.relative_to(small_world_dir).as_posix()
                    for p in small_world_dir.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert len(names) == 38
+    assert len(names) == 39
     for name in names:
         assert (small_world_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
@@ -111,6 +111,23 @@ def test_held_out_entities_and_code_tasks_never_appear_in_training_data(small_wo
                for name in held_out if name.endswith("(")), "no held-out code task is evaluated"
     assert any(name in evaluation
                for name in held_out if not name.endswith("(")), "no held-out entity is evaluated"
+
+
+def test_copy_probes_ask_to_copy_what_the_text_states_about_held_out_entities(small_world_dir):
+    world = json.loads((small_world_dir / "world.json").read_text())
+    held_out = {e["name"] for group in ("people", "companies", "products") for e in world[group]
+                if e["heldout"]}
+    probes = read_jsonl(small_world_dir / "eval" / "copy.jsonl")
+    names = {p["name"] for p in probes}
+    assert names == {"math"} | {f"needle@{length}x" for length in tasks.NEEDLE_LENGTHS}
+    for probe in probes:
+        assert any(name in probe["text"] for name in held_out)
+        if probe["name"] == "math":  # the first step's operands, each stated in the problem
+            assert probe["text"].endswith("\nSolution: ") and " " in probe["answer"]
+            assert all(operand in probe["text"] for operand in probe["answer"].split()[::2])
+        else:  # a pass code stated once, then asked for
+            assert probe["answer"].isdigit() and len(probe["answer"]) == 5
+            assert probe["text"].count(probe["answer"]) == 1 and probe["text"].endswith("\nAnswer: ")
 
 
 def test_needle_prompts_grow_with_the_base_context(world):
