@@ -1,6 +1,6 @@
 """Plumbing shared by every stage: distribution, precision, optimizer and LR schedule, checkpoints, logging,
 and the training helpers two or more stages need (packed log-probs, the reference log-prob cache, the SFT
-regulariser, bits per byte).
+regulariser).
 
 Report §2.4.1 (FSDP, bf16/FP8 with fp32 master weights and optimizer state) and §2.5 (linear cooldown).
 Stage scripts call these functions and never touch process groups themselves.
@@ -40,7 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import BOS, IGNORE, load_tokenizer, pack, read_sft_data, record_indices, render, shard_batch
+from data import load_tokenizer, pack, read_sft_data, record_indices, render
 from model import Config, Transformer
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
@@ -428,7 +428,10 @@ class Logger:
             eta = (now - self.start_time) / done * (self.steps - step) if done > 0 else 0.0
             line = (f"step {step}/{self.steps} | " + " | ".join(shown)
                     + f" | eta {int(eta) // 60}m{int(eta) % 60:02d}s")
-            tqdm.write(line) if self.bar is not None else print(line, flush=True)
+            if self.bar is not None:
+                tqdm.write(line)
+            else:
+                print(line, flush=True)
 
     def advance(self):
         if self.bar is not None:
@@ -457,59 +460,6 @@ def drop_too_long(items: list, lengths: list[int], limit: int, what: str) -> lis
     if not kept:
         raise ValueError(f"{what}: no record fits in {limit} tokens (raise --seq-len)")
     return kept
-
-
-def token_bytes(enc) -> torch.Tensor:
-    """UTF-8 bytes of every token; 0 for special tokens, which stand for no text."""
-    special = {enc.encode_single_token(token) for token in enc.special_tokens_set}
-    return torch.tensor([0 if i in special else len(enc.decode_single_token_bytes(i))
-                         for i in range(enc.n_vocab)])
-
-
-@torch.no_grad()
-def validation_loss(model, enc, shard, n_batches: int, batch_size: int, seq_len: int,
-                    runtime: Runtime) -> tuple[float, float]:
-    """Loss (nats per token) and bits per byte, loss · tokens / (ln 2 · bytes), on batches 0 .. n_batches − 1
-    of a held-out shard (data.shard_batch, seed 0), summed over ranks. The bytes are those of the predicted
-    tokens' text, so bits per byte compare models whatever their tokenizer."""
-    was_training = model.training
-    model.eval()
-    byte_counts = token_bytes(enc)
-    nats = n_tokens = n_bytes = 0.0
-    for i in range(n_batches):
-        batch = to_device(shard_batch(enc, shard, i, batch_size, seq_len, 0, runtime.rank,
-                                      runtime.world_size), runtime.device)
-        valid = batch["targets"] != IGNORE
-        with autocast(runtime):
-            loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
-        nats += loss.item() * valid.sum().item()
-        n_tokens += valid.sum().item()
-        n_bytes += byte_counts[batch["targets"][valid].cpu()].sum().item()
-    model.train(was_training)
-    nats, n_tokens, n_bytes = (all_reduce_sum(x, runtime) for x in (nats, n_tokens, n_bytes))
-    return nats / n_tokens, nats / (math.log(2) * n_bytes)
-
-
-@torch.no_grad()
-def copy_accuracy(model, enc, probes: list[dict], runtime: Runtime) -> dict:
-    """The copy probes (tasks.copy_probes): the share of the answers' tokens that the model predicts, each
-    greedily given the text and the answer's tokens before it (teacher forcing), by probe name:
-    {"copy_math": ..., "copy_needle@1x": ...}. Per token rather than per answer, so that the learning curve
-    shows the skill forming. Every rank scores every probe (the model may be sharded)."""
-    was_training = model.training
-    model.eval()
-    bos, correct = enc.encode_single_token(BOS), {}
-    for probe in probes:
-        prompt = [bos] + enc.encode_ordinary(probe["text"])
-        ids = [bos] + enc.encode_ordinary(probe["text"] + probe["answer"])
-        if ids[:len(prompt)] != prompt:
-            raise ValueError(f"copy probe answer {probe['answer']!r} merges with the text before it")
-        with autocast(runtime):
-            logits = model(torch.tensor([ids[:-1]], device=runtime.device))
-        predicted = logits[0, len(prompt) - 1:].argmax(-1).tolist()
-        correct.setdefault(probe["name"], []).extend(p == t for p, t in zip(predicted, ids[len(prompt):]))
-    model.train(was_training)
-    return {f"copy_{name}": sum(hits) / len(hits) for name, hits in correct.items()}
 
 
 def packed_logps(model, enc, sequences: list, seq_len: int,

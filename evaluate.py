@@ -20,6 +20,7 @@ Writes MODEL/eval.json and MODEL/eval.md (or --out); --report builds one Markdow
 
 import argparse
 import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,9 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Runtime, load_model, model_path, to_device, validation_loss, write_json
-from data import (END_OF_TURN, chat_stop_tokens, load_tokenizer, open_shard, pack, pair_batch, parse_reply,
-                  prompt_completion_sequence, read_jsonl, render_completion, render_prompt)
+from common import Runtime, all_reduce_sum, autocast, load_model, model_path, to_device, write_json
+from data import (BOS, END_OF_TURN, IGNORE, chat_stop_tokens, load_tokenizer, open_shard, pack, pair_batch,
+                  parse_reply, prompt_completion_sequence, read_jsonl, render_completion, render_prompt,
+                  shard_batch)
 from model import generate
 from sandbox import run_python
 from tasks import CAPABILITIES
@@ -111,8 +113,61 @@ def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int
     return metrics
 
 
+def token_bytes(enc) -> torch.Tensor:
+    """UTF-8 bytes of every token; 0 for special tokens, which stand for no text."""
+    special = {enc.encode_single_token(token) for token in enc.special_tokens_set}
+    return torch.tensor([0 if i in special else len(enc.decode_single_token_bytes(i))
+                         for i in range(enc.n_vocab)])
+
+
+@torch.no_grad()
+def validation_loss(model, enc, shard, n_batches: int, batch_size: int, seq_len: int,
+                    runtime: Runtime) -> tuple[float, float]:
+    """Loss (nats per token) and bits per byte, loss · tokens / (ln 2 · bytes), on batches 0 .. n_batches − 1
+    of a held-out shard (data.shard_batch, seed 0), summed over ranks. The bytes are those of the predicted
+    tokens' text, so bits per byte compare models whatever their tokenizer."""
+    was_training = model.training
+    model.eval()
+    byte_counts = token_bytes(enc)
+    nats = n_tokens = n_bytes = 0.0
+    for i in range(n_batches):
+        batch = to_device(shard_batch(enc, shard, i, batch_size, seq_len, 0, runtime.rank,
+                                      runtime.world_size), runtime.device)
+        valid = batch["targets"] != IGNORE
+        with autocast(runtime):
+            loss = model.loss(batch["tokens"], batch["targets"], batch["doc_ids"], batch["positions"])
+        nats += loss.item() * valid.sum().item()
+        n_tokens += valid.sum().item()
+        n_bytes += byte_counts[batch["targets"][valid].cpu()].sum().item()
+    model.train(was_training)
+    nats, n_tokens, n_bytes = (all_reduce_sum(x, runtime) for x in (nats, n_tokens, n_bytes))
+    return nats / n_tokens, nats / (math.log(2) * n_bytes)
+
+
+@torch.no_grad()
+def copy_accuracy(model, enc, probes: list[dict], runtime: Runtime) -> dict:
+    """The copy probes (tasks.copy_probes): the share of the answers' tokens that the model predicts, each
+    greedily given the text and the answer's tokens before it (teacher forcing), by probe name:
+    {"copy_math": ..., "copy_needle@1x": ...}. Per token rather than per answer, so that the learning curve
+    shows the skill forming. Every rank scores every probe (the model may be sharded)."""
+    was_training = model.training
+    model.eval()
+    bos, correct = enc.encode_single_token(BOS), {}
+    for probe in probes:
+        prompt = [bos] + enc.encode_ordinary(probe["text"])
+        ids = [bos] + enc.encode_ordinary(probe["text"] + probe["answer"])
+        if ids[:len(prompt)] != prompt:
+            raise ValueError(f"copy probe answer {probe['answer']!r} merges with the text before it")
+        with autocast(runtime):
+            logits = model(torch.tensor([ids[:-1]], device=runtime.device))
+        predicted = logits[0, len(prompt) - 1:].argmax(-1).tolist()
+        correct.setdefault(probe["name"], []).extend(p == t for p, t in zip(predicted, ids[len(prompt):]))
+    model.train(was_training)
+    return {f"copy_{name}": sum(hits) / len(hits) for name, hits in correct.items()}
+
+
 def bits_per_byte(model, enc, data: Path, seq_len: int = 256) -> float:
-    """Bits per byte over DATA/val.bin, every window of seq_len targets once (common.validation_loss)."""
+    """Bits per byte over DATA/val.bin, every window of seq_len targets once (validation_loss)."""
     val = open_shard(Path(data) / "val.bin", enc)
     return validation_loss(model, enc, val, (len(val) - 1) // seq_len, 1, seq_len,
                            Runtime(0, 1, torch.device("cpu"), None))[1]

@@ -25,10 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import (Logger, add_run_flags, all_reduce_sum, argument_parser, autocast, build_model,
-                    copy_accuracy, load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step,
-                    print_settings, save_checkpoint, save_model, set_lr, setup, teardown, to_device,
-                    validation_loss, write_config)
+                    load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step, print_settings,
+                    save_checkpoint, save_model, set_lr, setup, teardown, to_device, write_config)
 from data import IGNORE, load_tokenizer, open_shard, read_jsonl, shard_batch
+from evaluate import copy_accuracy, validation_loss
 from model import PRESETS, Config
 
 

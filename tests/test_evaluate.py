@@ -10,7 +10,7 @@ import torch
 
 import evaluate
 import tasks
-from common import token_bytes
+from evaluate import token_bytes
 from data import BOS, load_tokenizer, open_shard, read_jsonl, save_tokenizer, train_bpe, write_shard
 from model import Config, Transformer
 
