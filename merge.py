@@ -271,7 +271,8 @@ def search_key(weights, names) -> str:
 
 def capability_scorer(paths, data, limit, batch_size: int = 16):
     """score(weights, domains) for search_weights: merge the models in memory, evaluate each domain's headline
-    metric on the first `limit` records of DATA/eval/DOMAIN.jsonl (greedy, as evaluate.py)."""
+    metric on the first `limit` records of DATA/rl/DOMAIN.jsonl (greedy, as evaluate.py): prompts about
+    training entities, so that the held-out eval sets judge the chosen soup without having chosen it."""
     enc = load_tokenizer(str(Path(data) / "tokenizer.json"))
     config = Config(**load_config(paths[0])["model"])
 
@@ -281,7 +282,8 @@ def capability_scorer(paths, data, limit, batch_size: int = 16):
         with torch.device("meta"):
             model = Transformer(config)
         model.load_state_dict(merged, assign=True)
-        return {d: evaluate_capability(model, enc, data, d, batch_size, limit)[HEADLINE[d]] for d in domains}
+        return {d: evaluate_capability(model, enc, data, d, batch_size, limit, split="rl")[HEADLINE[d]]
+                for d in domains}
 
     return score
 
@@ -289,7 +291,7 @@ def capability_scorer(paths, data, limit, batch_size: int = 16):
 def search_log_header(paths, args) -> dict:
     """What a search.jsonl's candidates depend on: a restart reuses them only if all of this is unchanged."""
     files = [model_path(p) for p in paths]
-    return {"models": [str(p) for p in paths], "data": str(args.data), "limit": args.limit,
+    return {"models": [str(p) for p in paths], "data": str(args.data), "split": "rl", "limit": args.limit,
             "files": [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
@@ -338,9 +340,10 @@ def main(argv=None):
     search.add_argument("--search", action="store_true",
                         help="search the weights, scoring merges with evaluate.py")
     search.add_argument("--domains", nargs="+", help="each model's domain (default: its --capability)")
-    search.add_argument("--data", default="data/tiny", help="the data folder with eval/ and tokenizer.json")
+    search.add_argument("--data", default="data/tiny", help="the data folder with rl/ and tokenizer.json")
     search.add_argument("--budget", type=int, default=40, help="candidate merges to evaluate")
-    search.add_argument("--limit", type=int, default=24, help="eval records per domain and candidate")
+    search.add_argument("--limit", type=int, default=24,
+                        help="records of DATA/rl/DOMAIN.jsonl per domain and candidate")
     search.add_argument("--step", type=float, default=0.2, help="weight added to the weakest domain")
     search.add_argument("--sigma", type=float, default=0.3, help="log-normal perturbation scale")
     search.add_argument("--seed", type=int, default=0, help="seed of the perturbations")

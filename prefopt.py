@@ -267,7 +267,7 @@ def main(argv=None):
             save_checkpoint(out, model, optimizer, done, runtime)
     save_model(out, model, runtime)
 
-    if runtime.is_main and eval_file.is_file():
+    if runtime.is_main and eval_file.is_file() and not args.no_eval:
         metrics = evaluate_stage(generation_model(model, out, runtime), enc, data, args, "after")
         logger.log(args.steps, tokens_seen, **{f"eval_{name}": value for name, value in metrics.items()})
     logger.close()

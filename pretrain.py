@@ -42,7 +42,7 @@ def parse_args(argv=None):
     what.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, corpus.bin, val.bin")
     what.add_argument("--out", default="runs/tiny/pretrain")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--steps", type=int, default=600, help="optimizer steps, cooldown included")
+    optim.add_argument("--steps", type=int, default=1800, help="optimizer steps, cooldown included")
     optim.add_argument("--batch-size", type=int, default=8, help="rows per process and micro-batch")
     optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     optim.add_argument("--seq-len", type=int, default=256, help="row length (the base context)")

@@ -24,18 +24,18 @@ CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-lo
              polished)
 if [ "${QUICK:-0}" = 1 ]; then
     PRETRAIN=(--steps 6 --warmup 2 --eval-every 3 --eval-batches 1 --context-schedule 256:2,512:2)
-    STEPS=(--steps 2)
+    STEPS=(--steps 2 --no-eval)
     REWARD=(--stage1-epochs 0.02 --stage2-epochs 0.03)
     BEST_OF_N=(--best-of-n-prompts 8)
     SEARCH=(--budget 2 --limit 2)
     EVAL=(--limit 2)
     CHECKPOINTS=(instruct sft-soup rl-soup polished)
 else
-    PRETRAIN=(--context-schedule 256:60,1024:40,2048:20)
-    STEPS=()
+    PRETRAIN=(--steps 1800 --context-schedule 256:180,1024:120,2048:60)
+    STEPS=(--no-eval)   # each stage's own evaluation: the table at the end holds them all
     REWARD=()
-    BEST_OF_N=()
-    SEARCH=()
+    BEST_OF_N=(--best-of-n-prompts 256)
+    SEARCH=(--budget 16)
     EVAL=()
 fi
 mkdir -p "$RUNS"
@@ -92,12 +92,8 @@ stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/polis
 stage python copg.py --capability instruct --k 2 --data "$DATA" --init "$RUNS/polish-srpo" --out "$RUNS/polished" "${STEPS[@]}"
 
 # the report: every capability of every checkpoint, the reward model's win rate against the instruct model
-REPORTS=()
-for name in "${CHECKPOINTS[@]}"; do
-    REPORTS+=("$RUNS/$name/eval.json")
-    stage python evaluate.py --model "$RUNS/$name" --data "$DATA" --reward-model "$RUNS/reward" \
-        --reference "$RUNS/instruct" "${EVAL[@]}"
-done
-stage python evaluate.py --report "${REPORTS[@]}" --out "$RUNS/report.md"
+stage python evaluate.py --model "${CHECKPOINTS[@]/#/$RUNS/}" --data "$DATA" --reward-model "$RUNS/reward" \
+    --reference "$RUNS/instruct" "${EVAL[@]}"
+stage python evaluate.py --report "${CHECKPOINTS[@]/#/$RUNS/}" --out "$RUNS/report.md"
 echo; echo "wall time per stage ($RUNS/times.txt), $((SECONDS / 60)) min $((SECONDS % 60)) s in all:"
 cat "$RUNS/times.txt"

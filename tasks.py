@@ -8,14 +8,27 @@ quarter of the companies, people and products, and of the code tasks, are held o
 pretraining text but in no SFT, preference or RL record; the eval sets use only them, so scores measure
 generalisation. Replies are graded by verifiers.py.
 
+Each task is set at what a ~1M-parameter model can learn in minutes, keeping the report's point. What they
+share is copying from the context (names, numbers, codes), which pretraining builds (pretrain.py's copy
+probes); nothing asks for arithmetic in the model's head or for a held-out fact recalled from pretraining:
+- instruct: constraints on the reply's form (case, JSON, length, language, a forbidden word);
+- rag: a lookup or calculator call, or the answer copied from 1-4 documents with its citation;
+- multilingual: translate a sentence, or answer a question from a note in another language;
+- code: a one-line function from its spec (10 families, each with a held-out constant);
+- math: two-step word problems as one calculator call (which numbers, which operations), then the result;
+- longctx: a 3-digit pass code (one token: the model finds it by its key, but this one cannot yet go on
+  copying a second token from that far), or several, or a chain of variables, among world facts of 1-8x the
+  base context; SFT sees 1x and 2x only, so 4x and 8x are found by length generalisation;
+- safety: refuse harmful asks in one sentence without apology, answer look-alikes, obey strict mode.
+
     python tasks.py --out data/tiny --seed 0     # [--scale 4]: a bigger world and sets; [--base-context 256]
 
 The same seed and scale give byte-identical files under --out (record kinds: data.read_jsonl):
 
     world.json          entities, facts (train / eval), language templates, safety policy, tools, code tasks
     corpus.jsonl        {"text"}: encyclopedia pages and FAQs in 3 languages, parallel text, arithmetic,
-                        worked word problems, Python functions followed by their execution output,
-                        the safety policy
+                        word problems with their calculator expressions, Python functions followed by their
+                        execution output, the safety policy
     corpus_long.jsonl   {"text"}: depot logs and needle documents of 1-8x the base context
                         (long-context cooldown)
     val.jsonl           {"text"}: held-out pretraining text (perplexity)
@@ -49,7 +62,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from verifiers import ABSENT, FILLER_CLOSE, FILLER_OPEN, INSTRUCTIONS, OPERATORS, TOOLS, code_reward, follows
+from verifiers import (ABSENT, FILLER_CLOSE, FILLER_OPEN, INSTRUCTIONS, OPERATORS, TOOLS, calculate,
+                       code_reward, follows, run_tool)
 from world import (COMPANY_KINDS, FACT_FIELDS, FACTS, LANGUAGES, LEXICON, PRODUCT_KINDS, SYLLABLES, ask, say,
                    template_words, words)
 
@@ -57,11 +71,12 @@ CAPABILITIES = ("instruct", "rag", "multilingual", "code", "math", "longctx", "s
 CHARS_PER_TOKEN = 4       # a lower bound for the tiny BPE (4.0-4.6 measured on haystacks);
                           # sets needle lengths
 NEEDLE_LENGTHS = (1, 2, 4, 8)                                      # multiples of the base context
+SFT_NEEDLE_LENGTHS = (1, 1, 1, 2)   # long-context SFT interleaves two lengths 3:1 (report B.5)
 NEEDLE_RESERVE = 96       # tokens of a needle prompt kept for the question, the answer and the needles'
                           # codes and capitals, which tokenize worse than the prose around them
 NEEDLE_KINDS = ("single", "multikey", "multivalue", "vartrack")   # RULER's retrieval and tracing tasks
 # Records per file at --scale 1, sized for the tiny pipeline (~1-7M parameters, a few million tokens in all).
-SFT_SIZES = {"instruct": 1500, "rag": 1200, "multilingual": 1200, "code": 800, "math": 1000, "longctx": 300,
+SFT_SIZES = {"instruct": 1500, "rag": 1200, "multilingual": 1200, "code": 800, "math": 1000, "longctx": 3000,
              "safety": 800}
 PREF_SIZE, RL_SIZE, EVAL_SIZE, STYLE_SIZE = 400, 200, 48, 600
 RM_STAGE1_SIZE, RM_STAGE2_SIZE, RM_EVAL_SIZE, COPG_GROUPS, LONG_DOCS = 3000, 600, 96, 32, 150
@@ -245,7 +260,7 @@ def calculator(rng, final: bool):
         return example(prompt, call(f"{a} {op} {b}"), "tool_call", call(f"{a} {op} {b}")["tool_calls"][0],
                        call(f"{a} {op} {b + 1}"), 1.0)
     result = OPERATORS[op](a, b)
-    tool = {"role": "tool", "content": f"[doc 0] {a} {op} {b} = {result}"}
+    tool = {"role": "tool", "content": run_tool(call(f"{a} {op} {b}")["tool_calls"][0])}
     wrong = result + rng.choice((-10, -1, 1, 10))
     return example(prompt + [call(f"{a} {op} {b}"), tool], f"{a} {word} {b} is {result} [doc 0].", "rag",
                    {"answer": str(result), "doc": 0}, f"{a} {word} {b} is {wrong}.", 1.0)
@@ -253,14 +268,17 @@ def calculator(rng, final: bool):
 
 def make_multilingual(world, rng, split):
     """§3.3.3: translate between the three languages, or answer a question asked in Velari or Dunmar in that
-    language; rejected: the right answer in the wrong language (language confusion)."""
+    language from a note in another language; rejected: the right answer in the wrong language (language
+    confusion). The note grounds the answer: the task is generating the language, not recalling a held-out
+    entity's fact, which a model of this size keeps poorly through SFT."""
     fact = rng.choice(world["facts"][split])
+    source, target = rng.choice([(a, b) for a in LANGUAGES for b in LANGUAGES if a != b])
     if rng.random() < 0.5:
-        source, target = rng.choice([(a, b) for a in LANGUAGES for b in LANGUAGES if a != b])
         prompt = [user(f"Translate into {LANGUAGES[target]}: {say(fact, source)}")]
     else:
         target = rng.choice(("vel", "dun"))
-        prompt = [user(ask(fact, target))]
+        source = rng.choice([lang for lang in LANGUAGES if lang != target])
+        prompt = [user(f"Note: {say(fact, source)}\n{ask(fact, target)}")]
     wrong = rng.choice([lang for lang in LANGUAGES if lang != target])
     return example(prompt, say(fact, target), "multilingual",
                    {"reference": say(fact, target), "language": target}, say(fact, wrong), 1.0)
@@ -321,9 +339,15 @@ def make_code(world, rng, split):
                    "code", {"tests": tests}, rejected, label)
 
 
+MATH_PREAMBLE = "You can call the tool calculator(expression)."
+
+
 def make_math(world, rng, split):
-    """§3.3.5: multi-step word problems about the world; the reply shows each step, then "Answer: N".
-    rejected: the same work with a slip in the last step (correctness decides math preferences)."""
+    """§3.3.5 with §3.3.2's tools: multi-step word problems about the world. The reply calls the calculator
+    with one expression of the problem's numbers; the calculator's result comes back and the reply ends with
+    "Answer: N". The model's part is the reasoning a tiny model can learn: which numbers, which operations,
+    copied from the problem; products of 2- and 3-digit numbers in its head it cannot. rejected: the call
+    with a slip (a wrong number or operation), as correctness decides math preferences."""
     company, city = rng.choice(entities(world, "companies", split)), rng.choice(world["cities"])["name"]
     p, q = (rng.choice(entities(world, "products", split)) for _ in range(2))
     c, price, a, b = company["name"], p["price"], rng.randint(2, 20), rng.randint(2, 20)
@@ -331,28 +355,28 @@ def make_math(world, rng, split):
     if family == 0:
         question = (f"{c} sells {a} of the {p['name']} at {price} crowns each and {b} of the {q['name']} at "
                     f"{q['price']} crowns each. How many crowns does it earn?")
-        steps = [(f"{a} * {price}", a * price), (f"{b} * {q['price']}", b * q["price"])]
-        steps.append((f"{a * price} + {b * q['price']}", a * price + b * q["price"]))
+        expression, slip = f"{a} * {price} + {b} * {q['price']}", f"{a} * {price} + {b} + {q['price']}"
     elif family == 1:
         n = company["staff"]
         question = f"{c} employs {n} people. It hires {a} more and {b} leave. How many people work there now?"
-        steps = [(f"{n} + {a}", n + a), (f"{n + a} - {b}", n + a - b)]
+        expression, slip = f"{n} + {a} - {b}", f"{n} + {a} + {b}"
     elif family == 2:
         teams, each = rng.randint(2, 9), rng.randint(5, 90)
         gift = rng.randint(1, each - 1)
         question = (f"{c} splits a bonus of {teams * each} crowns equally among {teams} teams. Each team "
                     f"gives {gift} crowns to a school in {city}. How many crowns does each team keep?")
-        steps = [(f"{teams * each} / {teams}", each), (f"{each} - {gift}", each - gift)]
+        expression, slip = f"{teams * each} / {teams} - {gift}", f"{teams * each} - {gift}"
     else:
         cut = rng.randint(1, price - 1)
         question = (f"The {p['name']} costs {price} crowns. {c} cuts the price by {cut} crowns and a shop "
                     f"buys {a} of them. How many crowns does the shop pay?")
-        steps = [(f"{price} - {cut}", price - cut), (f"{price - cut} * {a}", (price - cut) * a)]
-    work = lambda last: (" ".join(f"{e} = {v}." for e, v in steps[:-1] + [(steps[-1][0], last)])
-                         + f"\nAnswer: {last}")
-    answer = steps[-1][1]
-    return example([user(question)], work(answer), "math", {"answer": answer},
-                   work(answer + rng.choice((-10, -1, 1, 10))), 1.0)
+        expression, slip = f"({price} - {cut}) * {a}", f"{price} - {cut} * {a}"
+    answer = calculate(expression)
+    call = lambda e: tool_turn("calculator", e, "I will use the calculator.")
+    solved = [{"role": "tool", "content": run_tool(call(expression)["tool_calls"][0])},
+              chatbot(f"Answer: {answer}")]
+    return example([system(MATH_PREAMBLE), user(question)], call(expression), "math", {"answer": answer},
+                   call(slip), 1.0) | {"then": solved, "expression": expression}
 
 
 def make_longctx(world, rng, split, base_context: int, length=None, kind=None):
@@ -361,7 +385,8 @@ def make_longctx(world, rng, split, base_context: int, length=None, kind=None):
     bound to a value through a chain of assignments (vartrack). rejected: a distractor's value, or part of the
     list."""
     length, kind = length or rng.choice(NEEDLE_LENGTHS), kind or rng.choice(NEEDLE_KINDS)
-    code = lambda: str(rng.randint(10000, 99999))
+    codes = iter(rng.sample(range(100, 1000), 8))   # distinct 3-digit codes: one token each (data.py's BPE)
+    code = lambda: str(next(codes))
     people = [p["name"] for p in entities(world, "people", split)]
     if kind == "vartrack":
         names = []
@@ -494,7 +519,8 @@ def corpus(world, rng, size: float) -> list[dict]:
         docs.append("\n".join(f"{a} {op} {b} = {OPERATORS[op](a, b)}" for a, op, b in sums))
     for _ in range(count(800)):
         problem = make_math(world, rng, "train")
-        docs.append(f"Problem: {problem['messages'][0]['content']}\nSolution: {problem['reply']['content']}")
+        docs.append(f"Problem: {problem['messages'][-1]['content']}\nSolution: {problem['expression']} = "
+                    f"{problem['check']['answer']}\nAnswer: {problem['check']['answer']}")
     # execution-enriched code (§3.3.4.1): a function, calls, and what they printed
     for _ in range(count(800)):
         name, _, spec, source, _, calls = code_task(rng, *rng.choice(world["code_tasks"]["train"]), 3)
@@ -508,15 +534,18 @@ def corpus(world, rng, size: float) -> list[dict]:
 
 def copy_probes(world, rng, base_context: int, count: int) -> list[dict]:
     """The copy probes that pretrain.py logs, on held-out entities, written as the pretraining text writes
-    them and cut where the model must copy from its context: `count` worked math problems ("math": the first
-    step's operands, all stated in the problem) and `count` single-needle documents at each needle length
-    ("needle@Nx": a 5-digit pass code stated once, N x base_context tokens of haystack before the question).
-    Copying is the skill the math, multilingual and long-context tasks build on. {"text", "answer", "name"}"""
+    them and cut where the model must copy from its context: `count` math problems ("math": the calculator
+    expression, its numbers all stated in the problem; of those that start with a number, as "(" would merge
+    with the space before it) and `count` single-needle documents at each needle length ("needle@Nx": a
+    3-digit pass code stated once, N x base_context tokens of haystack before the question). Copying is the
+    skill the math, multilingual and long-context tasks build on. {"text", "answer", "name"}"""
     probes = []
-    for _ in range(count):
+    while len(probes) < count:
         problem = make_math(world, rng, "eval")
-        probes.append({"text": f"Problem: {problem['messages'][0]['content']}\nSolution: ",
-                       "answer": problem["reply"]["content"].split(" = ")[0], "name": "math"})
+        if not problem["expression"][0].isdigit():   # "(" would merge with the space before it
+            continue
+        probes.append({"text": f"Problem: {problem['messages'][-1]['content']}\nSolution: ",
+                       "answer": problem["expression"], "name": "math"})
     for length in NEEDLE_LENGTHS:
         for _ in range(count):
             task = make_longctx(world, rng, "eval", base_context, length, "single")
@@ -542,7 +571,8 @@ def long_document(world, rng, base_context: int) -> str:
 # Writing it all
 
 def sft_record(e, cap):
-    return {"messages": e["messages"] + [e["reply"]], "capability": cap}
+    """The conversation to the end: a tool call's reply goes on with the tool's result and the answer."""
+    return {"messages": e["messages"] + [e["reply"]] + e.get("then", []), "capability": cap}
 
 
 def pref_record(e, cap):
@@ -598,7 +628,11 @@ def build(out, seed: int = 0, scale: float = 1.0, base_context: int = 256) -> di
                                    for i in range(count(LONG_DOCS))]}
     for cap, make in makers.items():
         rng = stream(f"sft/{cap}")
-        sft = [make(world, rng, "train") for _ in range(count(SFT_SIZES[cap]))]
+        if cap == "longctx":   # two lengths interleaved 3:1 (B.5); longer needles are found zero-shot
+            sft = [make_longctx(world, rng, "train", base_context, rng.choice(SFT_NEEDLE_LENGTHS))
+                   for _ in range(count(SFT_SIZES[cap]))]
+        else:
+            sft = [make(world, rng, "train") for _ in range(count(SFT_SIZES[cap]))]
         if cap == "instruct":   # as many plain questions, some answered with filler
             for e in [make_chat(world, rng, "train") for _ in sft]:
                 sft.append({**e, "reply": chatbot(e["rejected"])} if rng.random() < FILLER_SHARE else e)

@@ -4,6 +4,7 @@ to them and returns the metrics evaluate.py averages; `verifier_reward` is the R
 completion is the reply text or a chatbot message. Code is graded by running the model's program against unit
 tests in sandbox.py (§3.3.4.1): the reward is the fraction of tests passed, -1 without a code block.
 """
+import ast
 import json
 import operator
 import os
@@ -109,6 +110,48 @@ def check_tool_call(reply: str, expected: dict) -> dict:
     return {"tool_valid": float(valid), "tool_correct": float(correct)}
 
 
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def calculate(expression: str):
+    """The calculator tool: the value of an expression of integers, + - * / and brackets, as an int (a
+    division must come out whole), or None when the expression is anything else. Parsed, never eval'd."""
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+            result = ARITHMETIC[type(node.op)](value(node.left), value(node.right))
+            if result != int(result) or abs(result) > 10 ** 12:
+                raise ValueError("not a whole number")
+            return int(result)
+        raise ValueError(f"not arithmetic: {ast.dump(node)}")
+    try:
+        return value(ast.parse(expression, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def run_tool(call: dict) -> str | None:
+    """The result a tool returns, as the tool message's content, for the calculator (lookup's documents come
+    with the records); None for anything else."""
+    if not (tool_call_valid(call) and call["tool_name"] == "calculator"):
+        return None
+    return f"[doc 0] {calculate(call['parameters']['expression'])}"
+
+
+def math_answer(text: str):
+    """A math reply's number: its last "Answer: N", else what its calculator call computes (an RL sample
+    stops at the tool call, whose result is then what the model would copy)."""
+    answer = final_answer(text)
+    if answer is None:
+        calls = [call for call in parse_tool_calls(text) or [] if tool_call_valid(call)
+                 and call["tool_name"] == "calculator"]
+        answer = calculate(calls[-1]["parameters"]["expression"]) if calls else None
+    return answer
+
+
 def final_answer(text: str):
     """The number of the last "Answer: N" in text, or None."""
     found = re.findall(r"Answer:\s*(-?\d[\d,]*)", text)
@@ -148,7 +191,8 @@ def grade(record: dict, completion) -> dict:
                    "language_ok": float(detect_language(text) == check["language"])}
         metrics["reward"] = metrics["exact"]
     elif task == "math":
-        metrics = {"accuracy": float(final_answer(text) == check["answer"])}
+        metrics = {"accuracy": float(math_answer(text) == check["answer"]),
+                   "used_calculator": float('"calculator"' in text)}
         metrics["reward"] = metrics["accuracy"]
     elif task == "niah":
         recall = niah_recall(text, check["expected"])

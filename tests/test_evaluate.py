@@ -72,7 +72,7 @@ def test_suite_writes_json_and_markdown_and_the_report_table(world, tmp_path):
     assert len(rows) == 4 and rows[3].startswith("| other |")
 
 
-def test_evaluate_chat_grades_each_reply_with_the_tasks_verifier(world, monkeypatch):
+def test_evaluate_capability_grades_each_reply_with_the_tasks_verifier(world, monkeypatch):
     folder, enc, config = world
     records = read_jsonl(folder / "eval" / "math.jsonl", "prompt")[:4]
     replies = [{"thinking": None, "action": None, "response": f"Answer: {r['check']['answer']}",
@@ -80,5 +80,74 @@ def test_evaluate_chat_grades_each_reply_with_the_tasks_verifier(world, monkeypa
                                                          "response": "Answer: -1", "ended": False}
                                                         for _ in records[2:]]
     monkeypatch.setattr(evaluate, "generate_replies", lambda *args, **kwargs: (replies, 100.0))
-    metrics = evaluate.evaluate_chat(None, enc, records, 8)
+    kept = []
+    metrics = evaluate.evaluate_capability(None, enc, folder, "math", limit=4, replies=kept)
+    assert kept == replies
     assert metrics["accuracy"] == 0.5 and metrics["format"] == 0.5 and metrics["tokens_per_s"] == 100.0
+
+
+def test_math_replies_that_call_the_calculator_get_its_result_and_go_on(world, monkeypatch):
+    """The calculator runs between two generations: the second prompt holds the call and the tool's result,
+    and the graded reply is the call followed by what the model wrote after it."""
+    folder, enc, _ = world
+    records = read_jsonl(folder / "eval" / "math.jsonl", "prompt")[:3]
+    answers = [r["check"]["answer"] for r in records]
+    expressions = [f"{answers[0]} * 1", f"{answers[1]} + 1", None]   # right, wrong, no call at all
+    seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kwargs):
+        outputs = []
+        for ids in prompts:
+            text = enc.decode(ids)
+            seen.append(text)
+            if "<|START_TOOL_RESULT|>" in text:   # copy the tool's result into the answer line
+                result = text.split("<|START_TOOL_RESULT|>[doc 0] ")[-1].split("<")[0]
+                message = {"role": "chatbot", "content": f"Answer: {result}"}
+            else:
+                i = next(i for i, r in enumerate(records) if r["messages"][-1]["content"] in text)
+                message = ({"role": "chatbot", "content": "", "tool_calls": [
+                    {"tool_name": "calculator", "parameters": {"expression": expressions[i]}}]}
+                    if expressions[i] else {"role": "chatbot", "content": "Answer: 0"})
+            outputs.append(evaluate.render_completion(enc, [], message)[1])
+        return outputs
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    model = torch.nn.Linear(1, 1)
+    replies, _ = evaluate.generate_replies(model, enc, records, 16)
+    assert len(seen) == 5   # three first turns, then two turns after a tool result
+    assert f"[doc 0] {answers[0]}<|END_TOOL_RESULT|>" in seen[3]
+    assert f"[doc 0] {answers[1] + 1}<|END_TOOL_RESULT|>" in seen[4]
+    assert replies[0]["response"] == f"Answer: {answers[0]}" and "calculator" in replies[0]["action"]
+    metrics = evaluate.grade_replies(records, replies)
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["used_calculator"] == pytest.approx(2 / 3)
+
+
+def test_several_models_in_one_process_give_what_each_gives_alone(world, tmp_path):
+    """One process shares the reward model's accuracy and the reference's replies; the win rate reuses the
+    instruct replies. None of that may change a figure."""
+    folder, _, config = world
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    for name in ("model.pt", "config.json"):
+        (reward / name).write_bytes((folder / "model" / name).read_bytes())
+    torch.manual_seed(1)
+    torch.save(torch.nn.Linear(config.dim, 1, bias=False).state_dict(), reward / "head.pt")
+    models = []
+    for seed in (2, 3):
+        models.append(tmp_path / f"m{seed}")
+        models[-1].mkdir()
+        torch.manual_seed(seed)
+        torch.save(Transformer(config).state_dict(), models[-1] / "model.pt")
+        (models[-1] / "config.json").write_bytes((folder / "model" / "config.json").read_bytes())
+    flags = ["--data", str(folder), "--capabilities", "instruct", "safety", "--limit", "4",
+             "--reward-model", str(reward), "--reference", str(folder / "model")]
+    alone = []
+    for model in models:
+        evaluate.main(["--model", str(model), *flags])
+        alone.append(json.loads((model / "eval.json").read_text()))
+    evaluate.main(["--model", *map(str, models), *flags])
+    together = [json.loads((model / "eval.json").read_text()) for model in models]
+    drop_speed = lambda r: {**r, "tokens_per_s": None, "capabilities": {
+        c: {**m, "tokens_per_s": None} for c, m in r["capabilities"].items()}}
+    assert [drop_speed(r) for r in together] == [drop_speed(r) for r in alone]
+    assert all({"win_rate", "rm_accuracy"} <= set(r) for r in together)

@@ -4,6 +4,7 @@ contains hostile code."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -122,11 +123,11 @@ def test_copy_probes_ask_to_copy_what_the_text_states_about_held_out_entities(sm
     assert names == {"math"} | {f"needle@{length}x" for length in tasks.NEEDLE_LENGTHS}
     for probe in probes:
         assert any(name in probe["text"] for name in held_out)
-        if probe["name"] == "math":  # the first step's operands, each stated in the problem
-            assert probe["text"].endswith("\nSolution: ") and " " in probe["answer"]
-            assert all(operand in probe["text"] for operand in probe["answer"].split()[::2])
+        if probe["name"] == "math":  # the calculator expression, each of its numbers stated in the problem
+            assert probe["text"].endswith("\nSolution: ") and verifiers.calculate(probe["answer"]) is not None
+            assert all(number in probe["text"] for number in re.findall(r"\d+", probe["answer"]))
         else:  # a pass code stated once, then asked for
-            assert probe["answer"].isdigit() and len(probe["answer"]) == 5
+            assert probe["answer"].isdigit() and len(probe["answer"]) == 3
             assert probe["text"].count(probe["answer"]) == 1 and probe["text"].endswith("\nAnswer: ")
 
 
@@ -251,6 +252,42 @@ def test_math_reads_the_number_on_the_last_answer_line():
     assert verifiers.verifier_reward(record, "Answer: 1200\nOn second thought, Answer: 1,420") == 1.0
     assert verifiers.verifier_reward(record, "Answer: 14200") == 0.0
     assert verifiers.verifier_reward(record, "The total is 1420.") == 0.0
+
+
+def test_calculator_computes_integer_arithmetic_and_refuses_anything_else():
+    assert verifiers.calculate("7 * 641 + 20 * 406") == 12607
+    assert verifiers.calculate("(120 - 7) * 4") == 452 and verifiers.calculate("540 / 9 - 13") == 47
+    assert verifiers.calculate("-3 + 4") == 1
+    for bad in ("7 / 2", "2 ** 10", "__import__('os')", "x + 1", "1.5 * 2", "1 / 0", "", "3 +"):
+        assert verifiers.calculate(bad) is None, bad
+    call = {"tool_name": "calculator", "parameters": {"expression": "6 * 7"}}
+    assert verifiers.run_tool(call) == "[doc 0] 42"
+    assert verifiers.run_tool({"tool_name": "lookup", "parameters": {"query": "x"}}) is None
+
+
+def test_math_is_solved_by_the_answer_line_or_by_a_calculator_call_that_computes_it():
+    record = {"task": "math", "check": {"answer": 42}}
+    call = lambda expression: {"role": "chatbot", "content": "", "tool_calls": [
+        {"tool_name": "calculator", "parameters": {"expression": expression}}]}
+    assert verifiers.grade(record, call("6 * 7")) | {"filler": 0.0} == {
+        "accuracy": 1.0, "used_calculator": 1.0, "reward": 1.0, "filler": 0.0}
+    assert verifiers.verifier_reward(record, call("6 + 7")) == 0.0
+    assert verifiers.verifier_reward(record, call("6 * 7 / 0")) == 0.0
+    # after the tool's result, the answer line decides, even against the call
+    assert verifiers.verifier_reward(record, {**call("6 + 7"), "content": "Answer: 42"}) == 1.0
+    assert verifiers.verifier_reward(record, {**call("6 * 7"), "content": "Answer: 13"}) == 0.0
+
+
+def test_math_training_conversations_call_the_calculator_then_answer_with_its_result(world):
+    rng = random.Random(0)
+    for _ in range(40):
+        e = tasks.make_math(world, rng, "train")
+        messages = tasks.sft_record(e, "math")["messages"]
+        assert [m["role"] for m in messages] == ["system", "user", "chatbot", "tool", "chatbot"]
+        expression = messages[2]["tool_calls"][0]["parameters"]["expression"]
+        assert messages[3]["content"] == f"[doc 0] {e['check']['answer']}"
+        assert messages[4]["content"] == f"Answer: {e['check']['answer']}"
+        assert all(number in messages[1]["content"] for number in re.findall(r"\d+", expression))
 
 
 def test_niah_string_match_counts_each_expected_string():
