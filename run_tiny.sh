@@ -31,7 +31,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     EVAL=(--limit 2)
     CHECKPOINTS=(instruct sft-soup rl-soup polished)
 else
-    PRETRAIN=(--steps 1800 --context-schedule 256:180,1024:120,2048:60)
+    PRETRAIN=(--steps 1800 --eval-every 300 --context-schedule 256:180,1024:120,2048:60)
     STEPS=(--no-eval)   # each stage's own evaluation: the table at the end holds them all
     REWARD=()
     BEST_OF_N=(--best-of-n-prompts 256)
@@ -61,9 +61,9 @@ stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/instr
 for cap in rag multilingual math longctx safety; do
     stage python sft.py --capability "$cap" --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-$cap" "${STEPS[@]}"
 done
-for seed in 0 1; do
+for seed in 0 1; do   # half the recipe's steps each: the merge of two seeds costs one run
     stage python sft.py --capability code --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-code-seed$seed" \
-        --seed "$seed" "${STEPS[@]}"
+        --seed "$seed" --steps 100 "${STEPS[@]}"
 done
 stage python merge.py --out "$RUNS/sft-code" --models "$RUNS/sft-code-seed0" "$RUNS/sft-code-seed1"
 SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
@@ -79,7 +79,8 @@ for cap in math rag; do
     stage python copg.py --capability "$cap" --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-$cap" "${STEPS[@]}"
 done
 stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-instruct" "${STEPS[@]}"
-stage python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-longctx" "${STEPS[@]}"
+stage python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-longctx" --steps 100 \
+    "${STEPS[@]}"
 RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
 stage python merge.py --search --data "$DATA" --out "$RUNS/rl-soup" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
 

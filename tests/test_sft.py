@@ -93,6 +93,9 @@ def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spa
 def test_default_cross_domain_share_and_best_of_n_epochs():
     assert sft.parse_args(["--capability", "code"]).cross_domain == 1.0
     assert sft.parse_args(["--capability", "instruct"]).cross_domain == 0.0
+    for capability in ("math", "longctx"):   # their own data only (RECIPES says why)
+        assert sft.parse_args(["--capability", capability]).cross_domain == 0.0
+    assert sft.parse_args(["--capability", "math", "--cross-domain", "0.5"]).cross_domain == 0.5
     best_of_n = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--best-of-n-prompts", "100"])
     assert best_of_n.steps == 7 and best_of_n.temperature == 0.7  # ceil(2 epochs x 100 prompts / batch 32)
     assert sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--steps", "3"]).steps == 3
