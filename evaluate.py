@@ -103,8 +103,7 @@ def answer_tool_calls(model, enc, records: list[dict], replies: list[dict], max_
                            temperature=0.0, stop_tokens=chat_stop_tokens(enc))
         n_tokens += sum(len(ids) for ids in outputs)
         for (i, _), ids in zip(chunk, outputs):
-            then = parse_reply(enc, ids)
-            replies[i] = {**then, "action": replies[i]["action"], "ended": then["ended"]}
+            replies[i] = parse_reply(enc, ids) | {"action": replies[i]["action"]}
     return n_tokens
 
 

@@ -373,9 +373,9 @@ def make_math(world, rng, split):
         expression, slip = f"({price} - {cut}) * {a}", f"{price} - {cut} * {a}"
     answer = calculate(expression)
     call = lambda e: tool_turn("calculator", e, "I will use the calculator.")
-    solved = [{"role": "tool", "content": run_tool(call(expression)["tool_calls"][0])},
-              chatbot(f"Answer: {answer}")]
-    return example([system(MATH_PREAMBLE), user(question)], call(expression), "math", {"answer": answer},
+    reply = call(expression)
+    solved = [{"role": "tool", "content": run_tool(reply["tool_calls"][0])}, chatbot(f"Answer: {answer}")]
+    return example([system(MATH_PREAMBLE), user(question)], reply, "math", {"answer": answer},
                    call(slip), 1.0) | {"then": solved, "expression": expression}
 
 
