@@ -39,8 +39,8 @@ class Config:
     window: int = 128  # sliding-window layers see the last `window` keys, their own included
     full_every: int = 4  # every 4th layer is full attention with NoPE; the rest slide with RoPE (3:1)
     max_seq_len: int = 256  # the pretraining context; RoPE and NoPE themselves have no length limit
-    rope_theta: float = 50000.0
-    logit_scale: float = 0.25
+    rope_theta: float = 50000.0  # Cohere2 config.json (the report does not give it)
+    logit_scale: float = 0.25  # Cohere2 config.json (the report does not give it)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # µP (report §2.4; Yang et al. 2021): the width whose hyper-parameters transfer; None = standard
@@ -137,6 +137,8 @@ PRESETS = {
     # ~101M parameters: one consumer GPU
     "small": Config(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
                     window=1024, max_seq_len=2048),
+    # The full-size presets: shapes, window 4096 and vocabulary 256,000 from the released Cohere2 config.json
+    # files (the report gives no shapes, no window, and a vocabulary of 255,000)
     # Command R7B: 8.03B
     "r7b": Config(vocab_size=256000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                   window=4096, max_seq_len=8192),
@@ -311,37 +313,37 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits = (scale * hidden) @ weight^T against targets (-100 = ignored), a chunk of
     rows at a time. The full logits would be [tokens, vocab]: 8 GB in fp32 for one 8k-token sequence at vocab
     256k. Each chunk's gradient, (softmax - onehot) / n_valid, is used at once, so backward only scales the
-    two saved gradients; the matmul FLOPs are those of the unchunked forward + backward. The matmuls run in
-    the ambient precision (bf16 under autocast); logits are upcast to fp32 before anything exponentiates
-    them."""
+    two saved gradients; the matmul FLOPs are those of the unchunked forward + backward. Everything here runs
+    in fp32 with autocast off, as Transformer.logits: §2.4.1 keeps the output embeddings in fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, chunk_size=256):
-        h = hidden * scale
-        valid = targets != -100
-        n_valid = valid.sum().clamp(min=1)
-        needs_grad = any(ctx.needs_input_grad[:2])
-        grad_h = torch.empty_like(hidden, dtype=torch.float) if needs_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float) if needs_grad else None
-        total = torch.zeros((), device=hidden.device)
-        for start in range(0, h.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = (h[rows] @ weight.t()).float()
-            target = targets[rows].clamp(min=0)[:, None]
-            target_logit = logits.gather(1, target).squeeze(1)
-            max_logit = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(max_logit).exp_()  # in place: one [rows, vocab] buffer for the whole chunk
-            sum_exp = exp.sum(dim=-1)
-            log_z = max_logit.squeeze(1) + sum_exp.log()
-            total += ((log_z - target_logit) * valid[rows]).sum()
-            if needs_grad:  # d loss / d logits = (softmax - onehot(target)) * valid / n_valid
-                weight_row = valid[rows] / n_valid
-                grad_logits = exp.mul_((weight_row / sum_exp)[:, None])
-                grad_logits.scatter_add_(1, target, -weight_row[:, None].to(grad_logits.dtype))
-                grad_h[rows] = grad_logits @ weight * scale
-                grad_w += grad_logits.t() @ h[rows]
-        ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, weight = hidden.float() * scale, weight.float()
+            valid = targets != -100
+            n_valid = valid.sum().clamp(min=1)
+            needs_grad = any(ctx.needs_input_grad[:2])
+            grad_h = torch.empty_like(hidden, dtype=torch.float) if needs_grad else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float) if needs_grad else None
+            total = torch.zeros((), device=hidden.device)
+            for start in range(0, h.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = h[rows] @ weight.t()
+                target = targets[rows].clamp(min=0)[:, None]
+                target_logit = logits.gather(1, target).squeeze(1)
+                max_logit = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(max_logit).exp_()  # in place: one [rows, vocab] buffer for the whole chunk
+                sum_exp = exp.sum(dim=-1)
+                log_z = max_logit.squeeze(1) + sum_exp.log()
+                total += ((log_z - target_logit) * valid[rows]).sum()
+                if needs_grad:  # d loss / d logits = (softmax - onehot(target)) * valid / n_valid
+                    weight_row = valid[rows] / n_valid
+                    grad_logits = exp.mul_((weight_row / sum_exp)[:, None])
+                    grad_logits.scatter_add_(1, target, -weight_row[:, None].to(grad_logits.dtype))
+                    grad_h[rows] = grad_logits @ weight * scale
+                    grad_w += grad_logits.t() @ h[rows]
+            ctx.save_for_backward(grad_h, grad_w)
         return total / n_valid
 
     @staticmethod
@@ -398,11 +400,12 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied output projection times logit_scale, returned in fp32 (§2.4.1 keeps output logits in fp32; the
-        matmul itself runs in the ambient precision). The scale multiplies the [B, T, dim] hidden states, not
-        the [B, T, vocab] logits: the same product (0.25 is a power of two: even the rounding is identical)
-        for vocab/dim times less work."""
-        return F.linear(hidden * self.config.output_scale, self.embed.weight).float()
+        """Tied output projection times logit_scale, in fp32 with autocast off: §2.4.1 keeps the output
+        embeddings in fp32 while the blocks run in bf16 or FP8. The scale multiplies the [B, T, dim] hidden
+        states, not the [B, T, vocab] logits: the same product (0.25 is a power of two: even the rounding is
+        identical) for vocab/dim times less work."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float() * self.config.output_scale, self.embed.weight.float())
 
     def forward(self, idx, doc_ids=None, positions=None, cache=None):
         return self.logits(self.hidden_states(idx, doc_ids, positions, cache))

@@ -46,7 +46,8 @@ RECIPES = {
     # §3.5: SRPO, length-averaged, with SFT; β and LR not given (ours)
     "instruct": dict(loss="srpo", beta=0.1, length_average=True, lr=1e-5, min_lr=1e-6, weight_decay=0.01,
                      sft_weight=1.0, sft_data=None),
-    # B.2: DPO, β 0.2, 1.25e-5 -> 1.25e-6, wd 0.1, with SFT on the multilingual mix
+    # B.2: DPO, β 0.2, 1.25e-5 -> 1.25e-6, with SFT on the multilingual mix; wd 0.1 is B.2's SFT value (its
+    # DPO gives none)
     "multilingual": dict(loss="dpo", beta=0.2, length_average=False, lr=1.25e-5, min_lr=1.25e-6,
                          weight_decay=0.1, sft_weight=1.0, sft_data="sft/multilingual.jsonl"),
     # §3.3.7.2, B.6: IPO (per-token averaged) β 0.03, 1e-6 -> 1e-7, wd 1e-3, plus an equally weighted SFT loss

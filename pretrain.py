@@ -6,7 +6,10 @@ and a cooldown that extends the context.
 
 How this differs from the report:
 1. The cooldown's long-context stages (--context-schedule LENGTH:STEPS,...) make every fourth step a long
-   batch from corpus_long.bin with as many tokens as a base batch; the report gives no ratio.
+   batch from corpus_long.bin with as many tokens as a base batch; the report gives no ratio. run_tiny.sh's
+   256:180,1024:120,2048:60 keeps the shape of §2.5's (8k for 30,000 of 50,000 steps, then 32k, 128k and 256k
+   for 10,000, 5,000 and 5,000): half the cooldown at the base context, a third at 4x, a sixth at 8x, which
+   is one row of a base batch's 8 x 256 tokens.
 2. FP8 (--fp8-after N) covers the block matmuls from step N until the cooldown, which runs in bf16 (§2.4.1);
    on a CPU the FP8 arithmetic is emulated in fp32 (model.py).
 3. µP (--mup --base-width W, Yang et al. 2021) transfers hyper-parameters tuned at width W; the report names
@@ -131,6 +134,12 @@ def step_plan(step: int, steps: int, stages: list[tuple[int, int]], seq_len: int
     return False, seq_len, step - long_before
 
 
+def fp8_on(step: int, fp8_after: int | None, cooldown_start: int) -> bool:
+    """Whether step `step` runs the block matmuls in FP8: from --fp8-after until the cooldown, which is bf16
+    (§2.5; §2.4.1: a run all in FP8 loses a little downstream)."""
+    return fp8_after is not None and fp8_after <= step < cooldown_start
+
+
 def open_data_shard(path: Path, enc, seq_len: int):
     """data.open_shard, plus a clear message for a shard too short for one row."""
     shard = open_shard(path, enc)
@@ -231,7 +240,7 @@ def main(argv=None):
     logger = Logger(out, runtime, start, args.steps, start * tokens_per_step,
                     config.flops_per_token(args.seq_len))
     for step in range(start, args.steps):
-        model.set_fp8(args.fp8_after is not None and args.fp8_after <= step < cooldown_start)
+        model.set_fp8(fp8_on(step, args.fp8_after, cooldown_start))
         lr = lr_factor(step, steps=args.steps, warmup=args.warmup, cooldown=args.cooldown_steps,
                        min_ratio=args.min_lr / args.lr, cosine=args.schedule == "cosine")
         set_lr(optimizer, lr)

@@ -2,9 +2,10 @@
 # The Command A pipeline of the report's Figure 3 at tiny scale, on a CPU, in one command:
 #
 #   data -> tokenizer -> pretrain (cooldown + context extension) -> instruct (SFT, then SRPO) -> six SFT
-#   experts (code merged over 2 seeds) -> SFT soup (weight search) -> RL experts with each domain's method ->
-#   RL soup (weight search) -> polishing (best-of-N SFT, then SRPO, then online CoPG) -> RUNS/report.md, one
-#   row per checkpoint, and RUNS/times.txt, the wall time of every stage.
+#   experts (code merged over 2 seeds) -> SFT soup (weight search, then low-LR SFT on every capability's data,
+#   §4.9.2) -> RL experts with each domain's method -> RL soup (the same two steps) -> polishing (best-of-N
+#   SFT, then SRPO, then online CoPG) -> RUNS/report.md, one row per checkpoint, and RUNS/times.txt, the wall
+#   time of every stage.
 #
 #     bash run_tiny.sh                 # data/tiny, runs/tiny
 #     QUICK=1 bash run_tiny.sh         # a few steps per stage: checks that the chain runs (tests do this)
@@ -19,9 +20,9 @@ SEED=${SEED:-0}  # the world's seed; the default folders name any other, so that
 SUFFIX=$([ "$SEED" = 0 ] || echo "-seed$SEED")
 DATA=${DATA:-data/tiny$SUFFIX}
 RUNS=${RUNS:-runs/tiny$SUFFIX}
-CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-longctx sft-safety sft-soup \
-             rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-soup polish-bon polish-srpo \
-             polished)
+CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-longctx sft-safety sft-merge \
+             sft-soup rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-merge rl-soup \
+             polish-bon polish-srpo polished)
 if [ "${QUICK:-0}" = 1 ]; then
     PRETRAIN=(--steps 6 --warmup 2 --eval-every 3 --eval-batches 1 --context-schedule 256:2,512:2)
     STEPS=(--steps 2 --no-eval)
@@ -29,7 +30,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     BEST_OF_N=(--best-of-n-prompts 8)
     SEARCH=(--budget 2 --limit 2)
     EVAL=(--limit 2)
-    CHECKPOINTS=(instruct sft-soup rl-soup polished)
+    CHECKPOINTS=(instruct sft-merge sft-soup rl-soup polished)
 else
     PRETRAIN=(--steps 1800 --eval-every 300 --context-schedule 256:180,1024:120,2048:60)
     STEPS=(--no-eval)   # each stage's own evaluation: the table at the end holds them all
@@ -67,8 +68,9 @@ for seed in 0 1; do   # half the recipe's steps each: the merge of two seeds cos
 done
 stage python merge.py --out "$RUNS/sft-code" --models "$RUNS/sft-code-seed0" "$RUNS/sft-code-seed1"
 SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
-stage python merge.py --search --data "$DATA" --out "$RUNS/sft-soup" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}" \
+stage python merge.py --search --data "$DATA" --out "$RUNS/sft-merge" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}" \
     "${SEARCH[@]}"
+stage python sft.py --capability all --data "$DATA" --init "$RUNS/sft-merge" --out "$RUNS/sft-soup" "${STEPS[@]}"
 
 # RL experts from the SFT soup, each with its domain's method (§3.3)
 stage python prefopt.py --capability safety --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-safety" "${STEPS[@]}"
@@ -82,7 +84,8 @@ stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/sft-s
 stage python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-longctx" --steps 100 \
     "${STEPS[@]}"
 RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
-stage python merge.py --search --data "$DATA" --out "$RUNS/rl-soup" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
+stage python merge.py --search --data "$DATA" --out "$RUNS/rl-merge" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
+stage python sft.py --capability all --data "$DATA" --init "$RUNS/rl-merge" --out "$RUNS/rl-soup" "${STEPS[@]}"
 
 # polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then SRPO with an
 # SFT loss on every capability's data, then online CoPG with 2 generations

@@ -1,6 +1,7 @@
 """
-Supervised fine-tuning (report §3.2.1): the instruct model, the capability experts (§3.3, §3.4.3.2) and
-best-of-N SFT (§3.5), with an evaluation of the capability at the end.
+Supervised fine-tuning (report §3.2.1): the instruct model, the capability experts (§3.3, §3.4.3.2), the
+few low-LR steps on top of a merge (--capability all, §4.9.2) and best-of-N SFT (§3.5), with an evaluation of
+the capability at the end.
 
     loss = CE(chatbot tokens only) + λ ‖θ − θ₀‖²          (θ₀ = the --init weights, λ = --l2-init)
 
@@ -10,13 +11,15 @@ How this differs from the report:
 2. Experts see as many other-capability conversations as their own (--cross-domain 1.0): the report's "small
    amount" of cross-domain data (§3.4.3.2) was not enough to keep tiny experts mergeable.
 3. Best-of-N ranks N samples per prompt with the reward model and trains two epochs on the best (§3.5).
+4. Every 4th step is a pretraining batch (PRETRAIN_MIX, ours): it keeps the language model the experts share.
 
 Reads --init, DATA/tokenizer.json, DATA/sft/CAP.jsonl (+ the other capabilities'), DATA/eval/CAP.jsonl,
-DATA/corpus.bin with --pretrain-mix; writes OUT/model.pt, config.json, metrics.jsonl and checkpoint.pt (a
+DATA/corpus.bin; writes OUT/model.pt, config.json, metrics.jsonl and checkpoint.pt (a
 restarted run resumes exactly).
 
     python sft.py --capability instruct       # runs/tiny/pretrain -> runs/tiny/instruct-sft
     python sft.py --capability code           # runs/tiny/instruct -> runs/tiny/sft-code
+    python sft.py --capability all            # runs/tiny/sft-merge -> runs/tiny/sft-soup
     python sft.py --init runs/tiny/rl-soup --out runs/tiny/bon --best-of-n 4 --reward-model runs/tiny/reward
     torchrun --nproc_per_node 8 sft.py --capability code --init runs/r7b/instruct --data data/real
 """
@@ -43,11 +46,7 @@ from tasks import CAPABILITIES
 # metric at 200 (RESULTS.md).
 RECIPES = {
     # B.4
-    # B.4; every 4th step a pretraining batch (ours): without it this SFT took val bpb from 0.28 to 0.50 and
-    # the copying the experts build on with it (a multilingual expert from it: 0.23 exact, 0.54 with the mix,
-    # at the same instruct score 0.83; RESULTS.md)
-    "instruct": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=256,
-                     pretrain_mix=0.25),
+    "instruct": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=256),
     "rag": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=400, batch_size=16, seq_len=256),  # B.4
     # B.2
     "multilingual": dict(lr=2.5e-5, min_lr=1.25e-5, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),
@@ -60,15 +59,27 @@ RECIPES = {
     # each batch the needle recall of the tiny model fell from 0.33 to 0.13 (RESULTS.md)
     "longctx": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=200, batch_size=16, seq_len=512,
                     cross_domain=0.0),
-    "safety": dict(lr=1e-4, min_lr=1e-5, weight_decay=1e-3, steps=150, batch_size=32, seq_len=256),  # B.6
+    # B.6
+    "safety": dict(lr=1e-4, min_lr=1e-5, weight_decay=1e-3, steps=150, batch_size=32, seq_len=256),
+    # §4.9.2: a few SFT steps on a merge, at an LR 10x below the main SFT's (B.4), on every capability's
+    # conversations. They surface what the merge holds (SFT merge -> soup: RAG 0 -> 0.29, code 0.56 -> 0.92;
+    # RESULTS.md), not what it lost.
+    "all": dict(lr=2.5e-6, min_lr=2.5e-7, weight_decay=0.01, steps=100, batch_size=32, seq_len=256),
 }
+# Every SFT run but best-of-N spends this share of its steps on pretraining batches (ours). Without them the
+# instruct SFT took val bpb from 0.28 to 0.50 and erased the copying the experts build on (a multilingual
+# expert from it: 0.23 exact, 0.54 with the mix), and the experts drifted to bpb 0.43-0.97; with them every
+# expert stays at 0.28 and learns more (multilingual 0.52 -> 0.85, RAG 0.40 -> 0.46, math 0.38 -> 0.42;
+# RESULTS.md).
+PRETRAIN_MIX = 0.25
 
 
 def parse_args(argv=None):
     parser = argument_parser(__doc__)
     what = parser.add_argument_group("what to train")
-    what.add_argument("--capability", default="instruct", choices=CAPABILITIES,
-                      help="picks the data and recipe")
+    what.add_argument("--capability", default="instruct", choices=CAPABILITIES + ("all",),
+                      help="picks the data and recipe; all: every capability's data, at a low LR, for a "
+                           "merged model (§4.9.2)")
     what.add_argument("--init", help="parent model folder (default: runs/tiny/pretrain for instruct, "
                                      "runs/tiny/instruct for the experts)")
     what.add_argument("--data", default="data/tiny",
@@ -91,8 +102,8 @@ def parse_args(argv=None):
     regular.add_argument("--l2-init", type=float, default=0.0,
                          help="λ of the penalty λ‖θ − θ₀‖² to the init weights")
     regular.add_argument("--pretrain-mix", type=float,
-                         help="share of steps on pretraining batches, evenly spaced (default: 0.25 for "
-                              "instruct, else 0)")
+                         help=f"share of steps on pretraining batches, evenly spaced (default: "
+                              f"{PRETRAIN_MIX}, 0 with --best-of-n)")
     bon = parser.add_argument_group("best-of-N SFT (§3.5)")
     bon.add_argument("--best-of-n", type=int, help="train on the best of N samples per prompt")
     bon.add_argument("--best-of-n-prompts", type=int, default=512,
@@ -111,15 +122,17 @@ def parse_args(argv=None):
             setattr(args, name, recipe[name])
     args.lr = recipe["lr"] * SFT_LR_SCALE if args.lr is None else args.lr
     args.min_lr = recipe["min_lr"] * SFT_LR_SCALE if args.min_lr is None else args.min_lr
-    expert = args.capability != "instruct"
-    args.init = args.init or ("runs/tiny/instruct" if expert else "runs/tiny/pretrain")
-    args.out = args.out or (f"runs/tiny/sft-{args.capability}" if expert else "runs/tiny/instruct-sft")
+    expert = args.capability not in ("instruct", "all")
+    args.init = args.init or {"instruct": "runs/tiny/pretrain", "all": "runs/tiny/sft-merge"}.get(
+        args.capability, "runs/tiny/instruct")
+    args.out = args.out or {"instruct": "runs/tiny/instruct-sft", "all": "runs/tiny/sft-soup"}.get(
+        args.capability, f"runs/tiny/sft-{args.capability}")
     if args.cross_domain is None:
         args.cross_domain = recipe.get("cross_domain", 1.0 if expert else 0.0)
     if (args.best_of_n is None) != (args.reward_model is None):
         parser.error("--best-of-n and --reward-model go together")
     if args.pretrain_mix is None:
-        args.pretrain_mix = 0.0 if args.best_of_n else recipe.get("pretrain_mix", 0.0)
+        args.pretrain_mix = 0.0 if args.best_of_n else PRETRAIN_MIX
     if not 0 <= args.pretrain_mix < 1:
         parser.error(f"--pretrain-mix must be in [0, 1), got {args.pretrain_mix}")
     return args
@@ -132,7 +145,10 @@ def parse_args(argv=None):
 def training_conversations(data: Path, capability: str, cross_domain: float, seed: int) -> list[dict]:
     """DATA/sft/CAP.jsonl, plus round(cross_domain x its size) conversations drawn evenly (seeded) from the
     other capabilities' files that exist (§3.4.3.2: a little cross-domain data keeps the experts
-    compatible)."""
+    compatible). capability "all": every capability's file."""
+    if capability == "all":
+        return [r for cap in CAPABILITIES if (data / "sft" / f"{cap}.jsonl").is_file()
+                for r in read_jsonl(data / "sft" / f"{cap}.jsonl", "sft")]
     records = read_jsonl(data / "sft" / f"{capability}.jsonl", "sft")
     others = [cap for cap in CAPABILITIES if cap != capability and (data / "sft" / f"{cap}.jsonl").is_file()]
     per_other = round(cross_domain * len(records) / max(1, len(others)))
@@ -209,9 +225,11 @@ def main(argv=None):
         mean_tokens = np.mean([len(ids) for ids, _ in sequences])  # pretraining batches as long as SFT ones
         pretrain_rows = max(1, round(args.batch_size * mean_tokens / args.seq_len))
 
+    evaluated = CAPABILITIES if args.capability == "all" else (args.capability,)
     if args.eval_before and runtime.is_main:
-        evaluate_capability(generation_model(model, args.init, runtime), enc, data, args.capability,
-                            args.eval_batch_size)
+        for capability in evaluated:
+            evaluate_capability(generation_model(model, args.init, runtime), enc, data, capability,
+                                args.eval_batch_size)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = load_checkpoint(out, model, optimizer, runtime)
@@ -255,9 +273,12 @@ def main(argv=None):
     save_model(out, model, runtime)
 
     if runtime.is_main and not args.no_eval:
-        metrics = evaluate_capability(generation_model(model, out, runtime), enc, data, args.capability,
-                                      args.eval_batch_size)
-        logger.log(args.steps, tokens_seen, **{f"eval_{name}": value for name, value in metrics.items()})
+        generator_model = generation_model(model, out, runtime)
+        metrics = {f"eval_{capability}_{name}" if len(evaluated) > 1 else f"eval_{name}": value
+                   for capability in evaluated
+                   for name, value in evaluate_capability(generator_model, enc, data, capability,
+                                                          args.eval_batch_size).items()}
+        logger.log(args.steps, tokens_seen, **metrics)
     logger.close()
     teardown(runtime)
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import common
 import copg
 from conftest import SMALL
 from copg import copg_loss
@@ -87,6 +88,14 @@ def test_offline_copg_on_a_tabular_problem_reaches_the_kl_regularised_optimum():
         optimizer.step()
     optimum = torch.softmax(log_ref + rewards / beta, 0)
     assert torch.allclose(torch.softmax(logits, 0), optimum, atol=1e-5)
+
+
+def test_recipes_before_lr_scaling_are_appendix_b():
+    assert copg.RECIPES["code"]["beta"] == 0.06 and copg.RECIPES["code"]["lr"] == 2e-6  # B.3.1, stage 3
+    assert copg.RECIPES["math"]["lr"] == 2e-6  # B.4, preference tuning (CoPG): no decay
+    for capability in ("code", "math"):
+        args = copg.parse_args(["--capability", capability])
+        assert args.lr == pytest.approx(2e-6 * common.PREF_LR_SCALE) and args.grad_clip == 1.0
 
 
 def test_copg_needs_at_least_two_completions_per_prompt():

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, build_pair,
-                   convert_cohere2_state_dict, document_positions, generate, sample, scaled_mm,
+from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, build_pair,
+                   convert_cohere2_state_dict, document_positions, generate, rope_angles, sample, scaled_mm,
                    to_cohere2_config)
 
 SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
@@ -108,6 +108,27 @@ def test_layer_pattern_is_three_sliding_then_one_full():
     assert [PRESETS["command-a"].is_sliding(i) for i in range(8)] == [True, True, True, False] * 2
 
 
+def test_rope_only_in_sliding_layers_nope_in_full_layers_and_both_see_relative_positions_only():
+    model = make_model(init_std=0.2)  # SMALL: 3 sliding layers, then 1 full; sharp enough for RoPE to show
+    x = torch.randn(1, 16, SMALL.dim)
+    masks = dict(zip((True, False), attention_masks(None, 16, SMALL.window, x.device)))  # by block.sliding
+
+    def layer(block, positions):  # one block on its own, at the given positions
+        cos, sin = rope_angles(positions, SMALL.head_dim, SMALL.rope_theta)
+        return block(x, cos, sin, masks[block.sliding])
+
+    positions, scrambled = torch.arange(16)[None], torch.randperm(64)[:16][None]
+    assert [block.sliding for block in model.blocks] == [True, True, True, False]
+    with torch.no_grad():
+        for block in model.blocks:
+            out = layer(block, positions)
+            assert torch.allclose(layer(block, positions + 7), out, atol=1e-5)  # a shift changes nothing
+            if block.sliding:  # RoPE: the positions matter
+                assert (layer(block, scrambled) - out).abs().max() > 0.1
+            else:  # NoPE: they are never read
+                assert torch.equal(layer(block, scrambled), out)
+
+
 def test_document_positions_restart_per_document():
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 6, 6, 6]])
     assert document_positions(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]]
@@ -154,6 +175,21 @@ def test_bf16_autocast_loss_stays_close_to_fp32_and_keeps_fp32_logits():
             logits = model(idx)
     assert logits.dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) < 0.01 * fp32.item()
+
+
+def test_output_projection_runs_in_fp32_under_bf16_autocast():
+    model = make_model()
+    idx = torch.randint(SMALL.vocab_size, (2, 30))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.hidden_states(idx)  # the blocks ran in bf16
+            logits, loss = model.logits(hidden), model.loss(idx, idx)
+        scaled, weight = hidden.float() * SMALL.output_scale, model.embed.weight
+        fp32, bf16 = F.linear(scaled, weight), F.linear(scaled.bfloat16(), weight.bfloat16()).float()
+    relative = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert relative(logits, fp32) < 1e-6 < 1e-4 < relative(bf16, fp32)
+    cross_entropy = lambda x: F.cross_entropy(x.flatten(0, 1), idx.flatten())  # noqa: E731
+    assert relative(loss, cross_entropy(fp32)) < 1e-6 < relative(cross_entropy(bf16), cross_entropy(fp32))
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():

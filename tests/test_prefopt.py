@@ -82,6 +82,22 @@ def test_slic_with_equal_reference_is_trl_hinge_scaled_by_beta():
     assert torch.allclose(beta * ours, trl_hinge)
 
 
+def test_recipes_before_lr_scaling_are_appendix_b():
+    appendix_b = {
+        # B.2.1: DPO, 1.25e-5 decaying to 1.25e-6, β 0.2, SFT regularisation on the SFT stage's data mixture
+        "multilingual": dict(loss="dpo", beta=0.2, lr=1.25e-5, min_lr=1.25e-6,
+                             sft_data="sft/multilingual.jsonl"),
+        # B.6.1: IPO, β 0.03, 1e-6 decayed to 1e-7, otherwise the safety SFT's hyper-parameters (wd 1e-3)
+        "safety": dict(loss="ipo", beta=0.03, lr=1e-6, min_lr=1e-7, weight_decay=1e-3),
+    }
+    for capability, values in appendix_b.items():
+        assert {name: prefopt.RECIPES[capability][name] for name in values} == values, capability
+        args = prefopt.parse_args(["--capability", capability])
+        assert (args.loss, args.beta) == (values["loss"], values["beta"])
+        assert (args.lr, args.min_lr) == pytest.approx((values["lr"] * common.PREF_LR_SCALE,
+                                                         values["min_lr"] * common.PREF_LR_SCALE))
+
+
 def test_unknown_loss_type_and_missing_srpo_inputs_are_named():
     with pytest.raises(ValueError, match="loss_type"):
         preference_loss(**HAND, loss_type="kto", beta=0.1)

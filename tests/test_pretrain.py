@@ -229,6 +229,15 @@ def test_context_schedule_interleaves_long_batches_every_fourth_step():
         pretrain.parse_context_schedule("128:4,256:4", 64)
 
 
+def test_fp8_runs_from_fp8_after_until_the_cooldown_and_never_in_it():
+    args = pretrain.parse_args(["--steps", "20", "--seq-len", "64", "--context-schedule", "64:4,128:2",
+                                "--fp8-after", "5"])
+    cooldown_start = args.steps - args.cooldown_steps  # the last 6 steps
+    fp8 = [pretrain.fp8_on(step, args.fp8_after, cooldown_start) for step in range(args.steps)]
+    assert fp8 == [False] * 5 + [True] * 9 + [False] * 6  # bf16, FP8, then the bf16 cooldown (§2.5)
+    assert not any(pretrain.fp8_on(step, None, cooldown_start) for step in range(args.steps))
+
+
 def test_cooldown_run_feeds_long_batches_with_the_same_tokens_per_step(data, tmp_path):
     metrics = run(data, tmp_path, "--steps", "12", "--context-schedule", "64:2,128:4,256:4",
                   "--cooldown-steps", "10", "--fp8-after", "1")

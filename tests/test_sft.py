@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import common
 import sft
 from data import IGNORE, read_jsonl, record_indices, render, save_tokenizer, sft_batch, train_bpe
+from model import Config, Transformer
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,44 @@ def test_default_cross_domain_share_and_best_of_n_epochs():
     best_of_n = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--best-of-n-prompts", "100"])
     assert best_of_n.steps == 7 and best_of_n.temperature == 0.7  # ceil(2 epochs x 100 prompts / batch 32)
     assert sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--steps", "3"]).steps == 3
+
+
+def test_expert_recipes_before_lr_scaling_are_appendix_b():
+    appendix_b = {  # capability: (peak LR, final LR of the cosine, weight decay)
+        "multilingual": (2.5e-5, 1.25e-5, 0.1),  # B.2.1
+        "code": (5e-5, 5e-6, 0.1),  # B.3.1, stage 1
+        "math": (2.5e-5, 2.5e-6, 0.01),  # B.4, reasoning
+        "longctx": (2.5e-5, 2.5e-6, 0.01),  # B.5
+        "safety": (1e-4, 1e-5, 1e-3),  # B.6.1
+    }
+    for capability, (lr, min_lr, weight_decay) in appendix_b.items():
+        recipe, scale = sft.RECIPES[capability], common.SFT_LR_SCALE
+        assert (recipe["lr"], recipe["min_lr"], recipe["weight_decay"]) == (lr, min_lr, weight_decay)
+        args = sft.parse_args(["--capability", capability])
+        assert (args.lr, args.min_lr) == pytest.approx((lr * scale, min_lr * scale))
+        assert args.grad_clip == 1.0  # B.3.1, B.4, B.5, B.6.1
+    optimizer = common.make_optimizer(Transformer(Config(n_layers=1)), lr=1.0, weight_decay=0.1)
+    assert optimizer.defaults["betas"] == (0.9, 0.95)  # β1, β2 of every recipe in B.2-B.6
+
+
+def test_every_sft_run_but_best_of_n_mixes_pretraining_batches():
+    for capability in sft.CAPABILITIES + ("all",):
+        assert sft.parse_args(["--capability", capability]).pretrain_mix == sft.PRETRAIN_MIX == 0.25
+    assert sft.parse_args(["--best-of-n", "4", "--reward-model", "rm"]).pretrain_mix == 0.0
+    assert sft.parse_args(["--pretrain-mix", "0"]).pretrain_mix == 0.0
+
+
+def test_the_low_lr_sft_after_a_merge_trains_on_every_capability_at_a_tenth_of_the_lr(world):
+    """§4.9.2: a few SFT steps on a merged checkpoint at an LR "roughly 10-20x lower" than the main SFT's."""
+    after_merge = sft.parse_args(["--capability", "all"])
+    assert (after_merge.init, after_merge.out) == ("runs/tiny/sft-merge", "runs/tiny/sft-soup")
+    assert after_merge.cross_domain == 0.0
+    main_sft = sft.parse_args(["--capability", "rag"])
+    assert after_merge.lr == pytest.approx(main_sft.lr / 10) and after_merge.steps < main_sft.steps
+    records = sft.training_conversations(world, "all", 0.0, seed=0)
+    sizes = {cap: len(read_jsonl(world / "sft" / f"{cap}.jsonl", "sft")) for cap in sft.CAPABILITIES}
+    assert len(records) == sum(sizes.values())
+    assert {cap: sum(r["capability"] == cap for r in records) for cap in sft.CAPABILITIES} == sizes
 
 
 def test_experts_get_a_small_share_of_the_other_capabilities(world):
