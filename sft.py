@@ -227,9 +227,9 @@ def main(argv=None):
 
     evaluated = CAPABILITIES if args.capability == "all" else (args.capability,)
     if args.eval_before and runtime.is_main:
+        generator = generation_model(model, args.init, runtime)
         for capability in evaluated:
-            evaluate_capability(generation_model(model, args.init, runtime), enc, data, capability,
-                                args.eval_batch_size)
+            evaluate_capability(generator, enc, data, capability, args.eval_batch_size)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = load_checkpoint(out, model, optimizer, runtime)
@@ -273,11 +273,11 @@ def main(argv=None):
     save_model(out, model, runtime)
 
     if runtime.is_main and not args.no_eval:
-        generator_model = generation_model(model, out, runtime)
-        metrics = {f"eval_{capability}_{name}" if len(evaluated) > 1 else f"eval_{name}": value
-                   for capability in evaluated
-                   for name, value in evaluate_capability(generator_model, enc, data, capability,
-                                                          args.eval_batch_size).items()}
+        generator, metrics = generation_model(model, out, runtime), {}
+        for capability in evaluated:  # one capability's metrics are eval_NAME, "all"'s eval_CAP_NAME
+            prefix = "eval_" if len(evaluated) == 1 else f"eval_{capability}_"
+            results = evaluate_capability(generator, enc, data, capability, args.eval_batch_size)
+            metrics |= {prefix + name: value for name, value in results.items()}
         logger.log(args.steps, tokens_seen, **metrics)
     logger.close()
     teardown(runtime)

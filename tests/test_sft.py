@@ -153,6 +153,12 @@ def run(world, parent, out, *flags):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_sft_after_a_merge_evaluates_every_capability(world, parent, tmp_path):
+    metrics = run(world, parent, tmp_path / "all", "--capability", "all", "--steps", "1")[-1]
+    assert {f"eval_{capability}_format" for capability in sft.CAPABILITIES} <= set(metrics)
+    assert "eval_math_accuracy" in metrics and "eval_code_pass@1" in metrics
+
+
 def test_sft_runs_resumes_exactly_and_evaluates(world, parent, tmp_path, capsys):
     flags = ["--capability", "math", "--l2-init", "0.01", "--pretrain-mix", "0.25"]
     straight = run(world, parent, tmp_path / "a", "--steps", "4", *flags)
