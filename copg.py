@@ -42,7 +42,9 @@ from verifiers import verifier_reward
 
 # Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE)
 RECIPES = {
-    "code": dict(mode="offline", k=4, beta=0.06, lr=2e-6),  # B.3: offline CoPG, β 0.06, LR 2e-6 constant
+    # B.3.1 stage 3: offline CoPG, β 0.06, LR 2e-6 constant, "otherwise match the hyperparameters used for
+    # SFT": stage 1's weight decay 0.1
+    "code": dict(mode="offline", k=4, beta=0.06, lr=2e-6, weight_decay=0.1),
     "math": dict(mode="online", k=4, beta=0.06, lr=2e-6),  # B.4: LR 2e-6, no decay; β not given (ours)
 }
 # the others: polishing's online CoPG with 2 generations per prompt (§3.5); β not given (ours)
@@ -131,7 +133,8 @@ def parse_args(argv=None):
                        help="packed row length; longer groups are left out")
     optim.add_argument("--lr", type=float,
                        help="constant LR after warmup (default: the recipe's x PREF_LR_SCALE)")
-    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    optim.add_argument("--weight-decay", type=float,
+                       help="AdamW decoupled weight decay (default: the recipe's, else 0)")
     optim.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     add_run_flags(parser, log_every=5, save_every=20, seed_help="data order and sampling")
@@ -140,6 +143,7 @@ def parse_args(argv=None):
     args.mode, args.k = args.mode or recipe["mode"], args.k or recipe["k"]
     args.beta = recipe["beta"] if args.beta is None else args.beta
     args.lr = recipe["lr"] * PREF_LR_SCALE if args.lr is None else args.lr
+    args.weight_decay = recipe.get("weight_decay", 0.0) if args.weight_decay is None else args.weight_decay
     args.out = args.out or f"runs/tiny/rl-{args.capability}"
     args.data_file = args.data_file or f"{'copg' if args.mode == 'offline' else 'rl'}/{args.capability}.jsonl"
     args.sft_data = args.sft_data or f"sft/{args.capability}.jsonl"

@@ -25,6 +25,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -111,12 +112,14 @@ def grade_replies(records: list[dict], replies: list[dict]) -> dict:
     """The mean of every verifiers.grade metric over the records that report it, plus "format" (replies that
     end their turn) and "empty" (replies with neither a response nor a tool call: format alone can hide
     them)."""
+    texts = [reply_text(reply) for reply in replies]
+    with ThreadPoolExecutor() as pool:   # code replies run in sandboxes: processes, in parallel
+        grades = list(pool.map(grade, records, texts))
     values = defaultdict(list)
-    for record, reply in zip(records, replies):
-        text = reply_text(reply)
+    for reply, text, metrics in zip(replies, texts, grades):
         values["format"].append(float(reply["ended"]))
         values["empty"].append(float(not text.strip()))
-        for name, value in grade(record, text).items():
+        for name, value in metrics.items():
             values[name].append(value)
     return {name: sum(v) / len(v) for name, v in values.items()}
 

@@ -96,6 +96,10 @@ def test_recipes_before_lr_scaling_are_appendix_b():
     for capability in ("code", "math"):
         args = copg.parse_args(["--capability", capability])
         assert args.lr == pytest.approx(2e-6 * common.PREF_LR_SCALE) and args.grad_clip == 1.0
+    # B.3.1 stage 3 "otherwise match[es] the hyperparameters used for SFT" (stage 1: weight decay 0.1)
+    assert copg.parse_args(["--capability", "code"]).weight_decay == 0.1
+    assert copg.parse_args(["--capability", "math"]).weight_decay == 0.0
+    assert copg.parse_args(["--capability", "code", "--weight-decay", "0"]).weight_decay == 0.0
 
 
 def test_copg_needs_at_least_two_completions_per_prompt():

@@ -151,3 +151,22 @@ def test_several_models_in_one_process_give_what_each_gives_alone(world, tmp_pat
         c: {**m, "tokens_per_s": None} for c, m in r["capabilities"].items()}}
     assert [drop_speed(r) for r in together] == [drop_speed(r) for r in alone]
     assert all({"win_rate", "rm_accuracy"} <= set(r) for r in together)
+
+
+def test_grading_in_parallel_threads_gives_each_record_its_own_grade():
+    """grade_replies grades in threads (code runs in sandboxes): every record must still be graded on its
+    own reply. Code replies that pass and fail, mixed with math ones whose metrics differ, against a serial
+    loop."""
+    code = {"task": "code", "check": {"tests": ["assert add_one(1) == 2", "assert add_one(-1) == 0"]}}
+    math_record = {"task": "math", "check": {"answer": 7}}
+    fences = ["```python\ndef add_one(x):\n    return x + 1\n```",
+              "```python\ndef add_one(x):\n    return x\n```"]
+    records = [code, math_record, code, math_record, code]
+    texts = [fences[0], "Answer: 7", fences[1], "Answer: 8", fences[0]]
+    replies = [{"thinking": None, "action": None, "response": text, "ended": True} for text in texts]
+    metrics = evaluate.grade_replies(records, replies)
+    assert metrics["pass@1"] == pytest.approx(2 / 3) and metrics["accuracy"] == pytest.approx(1 / 2)
+    serial = [evaluate.grade(record, text) for record, text in zip(records, texts)]
+    for name in ("pass@1", "has_code", "reward", "accuracy"):
+        values = [grades[name] for grades in serial if name in grades]
+        assert metrics[name] == pytest.approx(sum(values) / len(values))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import common
 import sft
-from data import IGNORE, read_jsonl, record_indices, render, save_tokenizer, sft_batch, train_bpe
+from data import (IGNORE, SPECIAL_TOKENS, read_jsonl, record_indices, render, save_tokenizer, sft_batch,
+                  train_bpe)
 from model import Config, Transformer
 
 
@@ -93,7 +94,7 @@ def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spa
 
 def test_default_cross_domain_share_and_best_of_n_epochs():
     assert sft.parse_args(["--capability", "code"]).cross_domain == 1.0
-    assert sft.parse_args(["--capability", "instruct"]).cross_domain == 0.0
+    assert sft.parse_args(["--capability", "instruct"]).cross_domain == 1.0
     for capability in ("math", "longctx"):   # their own data only (RECIPES says why)
         assert sft.parse_args(["--capability", capability]).cross_domain == 0.0
     assert sft.parse_args(["--capability", "math", "--cross-domain", "0.5"]).cross_domain == 0.5
@@ -138,6 +139,19 @@ def test_the_low_lr_sft_after_a_merge_trains_on_every_capability_at_a_tenth_of_t
     sizes = {cap: len(read_jsonl(world / "sft" / f"{cap}.jsonl", "sft")) for cap in sft.CAPABILITIES}
     assert len(records) == sum(sizes.values())
     assert {cap: sum(r["capability"] == cap for r in records) for cap in sft.CAPABILITIES} == sizes
+
+
+def test_the_instruct_model_trains_every_chat_token_the_experts_use(world, enc):
+    """§3.4.3.2: the experts' common init must have trained the special tokens they use (tool calls, thinking,
+    tool results), or merging averages a trained embedding with an untrained one. The instruct SFT's
+    conversations, with the recipe's share of the other capabilities, hold every such token."""
+    specials = {enc.encode_single_token(name) for name in SPECIAL_TOKENS}
+    used = lambda records: {t for r in records for t in render(enc, r["messages"])[0] if t in specials}
+    args = sft.parse_args(["--capability", "instruct"])
+    instruct = used(sft.training_conversations(world, "instruct", args.cross_domain, seed=0))
+    experts = used(r for cap in sft.CAPABILITIES for r in read_jsonl(world / "sft" / f"{cap}.jsonl", "sft"))
+    assert enc.encode_single_token("<|START_ACTION|>") in experts and experts <= instruct
+    assert not experts <= used(sft.training_conversations(world, "instruct", 0.0, seed=0))
 
 
 def test_experts_get_a_small_share_of_the_other_capabilities(world):

@@ -350,6 +350,16 @@ def test_sandbox_stops_an_infinite_loop_at_the_wall_clock_timeout():
     assert not sandbox_processes()
 
 
+def test_sandbox_waits_the_same_without_a_pidfd(monkeypatch):
+    """Where os.pidfd_open is missing (not Linux >= 5.3), run_python falls back to Popen.wait's polling: the
+    same results for a run that exits and for one that times out."""
+    monkeypatch.delattr(os, "pidfd_open", raising=False)
+    assert sandbox.run_python("print(6 * 7)").stdout == "42\n"
+    result = sandbox.run_python("while True:\n    pass\n", timeout=1.0)
+    assert result.timed_out and not result.ok
+    assert not sandbox_processes()
+
+
 def test_sandbox_stops_a_memory_bomb():
     bomb = "blocks = []\nwhile True:\n    blocks.append(bytearray(64 * 1024 * 1024))\n"
     result = sandbox.run_python(bomb, timeout=10.0, memory_mb=256)
