@@ -8,11 +8,11 @@ the capability at the end.
 How this differs from the report:
 1. Appendix B's LRs × common.SFT_LR_SCALE (48) for the tiny preset; instruct and RAG, which Appendix B leaves
    out, take the reasoning recipe (B.4). Steps and batches give 2-3 epochs of the tiny world's data.
-2. The instruct model and the experts see as many other-capability conversations as their own
-   (--cross-domain 1.0): the report's "small amount" of cross-domain data (§3.4.3.2) was not enough to keep
-   tiny experts mergeable. The instruct model's share is §3.1's "core basic capabilities" and §3.4.3.2's
-   common init: it trains the tool-call and thinking tokens that the experts use, so that a merge averages
-   trained embeddings, never a trained one with an untrained one.
+2. Experts see as many other-capability conversations as their own (--cross-domain 1.0): the report's "small
+   amount" of cross-domain data (§3.4.3.2) was not enough to keep tiny experts mergeable. The instruct model,
+   the experts' common init, gets half as many from the tool-use and long-context experts' data, for
+   §3.4.3.2's two reasons: it trains the tool-call and thinking tokens the experts use (a merge then averages
+   trained embeddings, never a trained one with an untrained one), and it makes the init long-context capable.
 3. Best-of-N ranks N samples per prompt with the reward model and trains two epochs on the best (§3.5).
 4. Every 4th step is a pretraining batch (PRETRAIN_MIX, ours): it keeps the language model the experts share.
 
@@ -48,10 +48,12 @@ from tasks import CAPABILITIES
 # and row length. RAG runs 400 steps: with half of each batch other capabilities' data, it fell to 0 on its
 # metric at 200 (RESULTS.md).
 RECIPES = {
-    # B.4; with the other capabilities' conversations (the default --cross-domain 1.0), which make the experts
-    # mergeable: the math expert interpolated halfway back to the instruct model kept 0.25 of its 0.52
-    # accuracy, 0.04 of 0.42 from an instruct model without them (RESULTS.md)
-    "instruct": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=256),
+    # B.4; with tool-use and long-context conversations (§3.4.3.2), which make the experts mergeable: the
+    # math expert interpolated halfway back to the instruct model kept 0.25 of its 0.52 accuracy, 0.02 of
+    # 0.42 from an instruct model without them. Not code, multilingual or safety: the instruct model would
+    # learn the tiny world's code from them as well as the code expert does (pass@1 1.0; RESULTS.md).
+    "instruct": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=256,
+                     cross_domain=0.5, cross_domain_from=("rag", "math", "longctx")),
     "rag": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=400, batch_size=16, seq_len=256),  # B.4
     # B.2
     "multilingual": dict(lr=2.5e-5, min_lr=1.25e-5, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),
@@ -102,8 +104,11 @@ def parse_args(argv=None):
     optim.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     regular = parser.add_argument_group("regularisers (§3.2.1, §3.4.3.2)")
     regular.add_argument("--cross-domain", type=float,
-                         help="other capabilities' conversations, as a share of this "
-                              "one's (default 1.0, but 0 for math and longctx)")
+                         help="other capabilities' conversations, as a share of this one's (default: "
+                              "the recipe's, else 1.0)")
+    regular.add_argument("--cross-domain-from", nargs="+", choices=CAPABILITIES, metavar="CAP",
+                         help="the capabilities they come from (default: the recipe's, else every other; "
+                              "every other with --best-of-n)")
     regular.add_argument("--l2-init", type=float, default=0.0,
                          help="λ of the penalty λ‖θ − θ₀‖² to the init weights")
     regular.add_argument("--pretrain-mix", type=float,
@@ -133,6 +138,8 @@ def parse_args(argv=None):
         args.capability, f"runs/tiny/sft-{args.capability}")
     if args.cross_domain is None:
         args.cross_domain = recipe.get("cross_domain", 0.0 if args.capability == "all" else 1.0)
+    if args.cross_domain_from is None and not args.best_of_n:
+        args.cross_domain_from = recipe.get("cross_domain_from")
     if (args.best_of_n is None) != (args.reward_model is None):
         parser.error("--best-of-n and --reward-model go together")
     if args.pretrain_mix is None:
@@ -146,15 +153,17 @@ def parse_args(argv=None):
 # Data and best-of-N
 
 
-def training_conversations(data: Path, capability: str, cross_domain: float, seed: int) -> list[dict]:
+def training_conversations(data: Path, capability: str, cross_domain: float, seed: int,
+                           sources=None) -> list[dict]:
     """DATA/sft/CAP.jsonl, plus round(cross_domain x its size) conversations drawn evenly (seeded) from the
-    other capabilities' files that exist (§3.4.3.2: a little cross-domain data keeps the experts
-    compatible). capability "all": every capability's file."""
+    other capabilities' files that exist, or from those of `sources` (§3.4.3.2: a little cross-domain data
+    keeps the experts compatible). capability "all": every capability's file."""
     if capability == "all":
         return [r for cap in CAPABILITIES if (data / "sft" / f"{cap}.jsonl").is_file()
                 for r in read_jsonl(data / "sft" / f"{cap}.jsonl", "sft")]
     records = read_jsonl(data / "sft" / f"{capability}.jsonl", "sft")
-    others = [cap for cap in CAPABILITIES if cap != capability and (data / "sft" / f"{cap}.jsonl").is_file()]
+    others = [cap for cap in sources or CAPABILITIES
+              if cap != capability and (data / "sft" / f"{cap}.jsonl").is_file()]
     per_other = round(cross_domain * len(records) / max(1, len(others)))
     rng = random.Random(seed)
     for cap in others:
@@ -206,7 +215,8 @@ def main(argv=None):
     init_params = [p.detach().clone() for p in model.parameters()] if args.l2_init else []
 
     # data: conversations (or, for best-of-N, the reward model's pick of N samples), tokenized once
-    records = training_conversations(data, args.capability, args.cross_domain, args.seed)
+    records = training_conversations(data, args.capability, args.cross_domain, args.seed,
+                                     args.cross_domain_from)
     if args.best_of_n:
         reward_model = load_reward_model(args.reward_model, runtime.device)
         generator = torch.Generator(runtime.device).manual_seed(args.seed)  # every rank samples the same set

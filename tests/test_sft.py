@@ -94,7 +94,10 @@ def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spa
 
 def test_default_cross_domain_share_and_best_of_n_epochs():
     assert sft.parse_args(["--capability", "code"]).cross_domain == 1.0
-    assert sft.parse_args(["--capability", "instruct"]).cross_domain == 1.0
+    instruct = sft.parse_args(["--capability", "instruct"])   # §3.4.3.2: tool use and long context
+    assert instruct.cross_domain == 0.5 and instruct.cross_domain_from == ("rag", "math", "longctx")
+    polishing = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--cross-domain", "1"])
+    assert polishing.cross_domain_from is None   # best-of-N prompts from every capability
     for capability in ("math", "longctx"):   # their own data only (RECIPES says why)
         assert sft.parse_args(["--capability", capability]).cross_domain == 0.0
     assert sft.parse_args(["--capability", "math", "--cross-domain", "0.5"]).cross_domain == 0.5
@@ -148,7 +151,8 @@ def test_the_instruct_model_trains_every_chat_token_the_experts_use(world, enc):
     specials = {enc.encode_single_token(name) for name in SPECIAL_TOKENS}
     used = lambda records: {t for r in records for t in render(enc, r["messages"])[0] if t in specials}
     args = sft.parse_args(["--capability", "instruct"])
-    instruct = used(sft.training_conversations(world, "instruct", args.cross_domain, seed=0))
+    instruct = used(sft.training_conversations(world, "instruct", args.cross_domain, 0,
+                                               args.cross_domain_from))
     experts = used(r for cap in sft.CAPABILITIES for r in read_jsonl(world / "sft" / f"{cap}.jsonl", "sft"))
     assert enc.encode_single_token("<|START_ACTION|>") in experts and experts <= instruct
     assert not experts <= used(sft.training_conversations(world, "instruct", 0.0, seed=0))
