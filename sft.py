@@ -49,9 +49,9 @@ from tasks import CAPABILITIES
 # metric at 200 (RESULTS.md).
 RECIPES = {
     # B.4; with tool-use and long-context conversations (§3.4.3.2), which make the experts mergeable: the
-    # math expert interpolated halfway back to the instruct model kept 0.25 of its 0.52 accuracy, 0.02 of
-    # 0.42 from an instruct model without them. Not code, multilingual or safety: the instruct model would
-    # learn the tiny world's code from them as well as the code expert does (pass@1 1.0; RESULTS.md).
+    # math expert interpolated halfway back to an instruct model with a share of every capability kept 0.25
+    # of its 0.52 accuracy, 0.02 of 0.42 from one without. Not code, multilingual or safety: from code the
+    # instruct model learnt the tiny world's code as well as the code expert does (pass@1 1.0; RESULTS.md).
     "instruct": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=256,
                      cross_domain=0.5, cross_domain_from=("rag", "math", "longctx")),
     "rag": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=400, batch_size=16, seq_len=256),  # B.4
