@@ -516,10 +516,12 @@ def reference_logps(model, enc, sequences: list, init: str, average: bool, cache
     return logps
 
 
-def sft_sequences(enc, data: Path, name: str, seq_len: int) -> list:
+def sft_sequences(enc, data: Path, name: str, seq_len: int, keep=None) -> list:
     """The (ids, loss mask) conversations of an SFT set (a JSONL in DATA, or "all": data.read_sft_data) that
-    fit seq_len: the data of the SFT regulariser that prefopt.py and copg.py add to their losses."""
-    sequences = [render(enc, record["messages"]) for record in read_sft_data(data, name)]
+    fit seq_len, and if given, for which keep(record) is true: the data of the SFT regulariser that prefopt.py
+    and copg.py add to their losses."""
+    sequences = [render(enc, record["messages"]) for record in read_sft_data(data, name)
+                 if keep is None or keep(record)]
     return drop_too_long(sequences, [len(ids) for ids, _ in sequences], seq_len, str(Path(data) / name))
 
 

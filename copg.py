@@ -12,11 +12,12 @@ How this differs from the report:
 2. Online rewards: the verifiers (verifiers.verifier_reward) or a reward model (--reward rm:PATH). Online mode
    runs in one process (generation needs whole weights) and does not checkpoint its replay buffer.
 
-Reads --init, DATA/tokenizer.json, DATA/copg/CAP.jsonl (offline) or DATA/rl/CAP.jsonl (online), --sft-data;
-writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (exact resume) and ref_logps.pt.
+Reads --init, DATA/tokenizer.json, DATA/copg/CAP.jsonl (offline: code, RAG) or DATA/rl/CAP.jsonl (online),
+--sft-data; writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (exact resume) and ref_logps.pt.
 
     python copg.py --capability math                   # online, verifier: runs/tiny/sft-soup -> rl-math
-    python copg.py --capability code --sft-weight 0.5  # offline + hybrid SFT: runs/tiny/sft-soup -> rl-code
+    python copg.py --capability code                   # offline + hybrid SFT: runs/tiny/sft-soup -> rl-code
+    python copg.py --capability rag                    # offline, groups judged by the gold judge
     torchrun --nproc_per_node 8 copg.py --capability code --mode offline --init runs/r7b/soup --data data/real
 """
 
@@ -43,9 +44,12 @@ from verifiers import verifier_reward
 # Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE)
 RECIPES = {
     # B.3.1 stage 3: offline CoPG, β 0.06, LR 2e-6 constant, "otherwise match the hyperparameters used for
-    # SFT": stage 1's weight decay 0.1
-    "code": dict(mode="offline", k=4, beta=0.06, lr=2e-6, weight_decay=0.1),
+    # SFT": stage 1's weight decay 0.1; §3.3.4.2's hybrid CE loss on the code SFT data (its weight is ours)
+    "code": dict(mode="offline", k=4, beta=0.06, lr=2e-6, weight_decay=0.1, sft_weight=1.0),
     "math": dict(mode="online", k=4, beta=0.06, lr=2e-6),  # B.4: LR 2e-6, no decay; β not given (ours)
+    # §3.3.2.2: offline CoPG on completions with preference judgments (copg/rag.jsonl); RAG takes the
+    # reasoning recipe (B.4) as in sft.py; β ours
+    "rag": dict(mode="offline", k=4, beta=0.06, lr=2e-6),
 }
 # the others: polishing's online CoPG with 2 generations per prompt (§3.5); β not given (ours)
 DEFAULT_RECIPE = dict(mode="online", k=2, beta=0.1, lr=2e-6)
@@ -115,7 +119,8 @@ def parse_args(argv=None):
     loss.add_argument("--k", type=int, help="online: completions per prompt")
     loss.add_argument("--beta", type=float, help="KL regularisation β")
     loss.add_argument("--l2-ref", type=float, default=0.0, help="λ of the penalty λ‖θ − θ_ref‖² (§3.5)")
-    loss.add_argument("--sft-weight", type=float, default=0.0, help="weight w of the hybrid SFT loss")
+    loss.add_argument("--sft-weight", type=float,
+                      help="weight w of the hybrid SFT loss (default: the recipe's, else 0)")
     loss.add_argument("--sft-data", help="SFT JSONL in DATA for it, or all: every sft/*.jsonl "
                                          "(default: sft/CAP.jsonl)")
     loss.add_argument("--sft-batch-size", type=int, default=8, help="conversations per step for the SFT loss")
@@ -144,6 +149,7 @@ def parse_args(argv=None):
     args.beta = recipe["beta"] if args.beta is None else args.beta
     args.lr = recipe["lr"] * PREF_LR_SCALE if args.lr is None else args.lr
     args.weight_decay = recipe.get("weight_decay", 0.0) if args.weight_decay is None else args.weight_decay
+    args.sft_weight = recipe.get("sft_weight", 0.0) if args.sft_weight is None else args.sft_weight
     args.out = args.out or f"runs/tiny/rl-{args.capability}"
     args.data_file = args.data_file or f"{'copg' if args.mode == 'offline' else 'rl'}/{args.capability}.jsonl"
     args.sft_data = args.sft_data or f"sft/{args.capability}.jsonl"

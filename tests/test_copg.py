@@ -98,6 +98,12 @@ def test_recipes_before_lr_scaling_are_appendix_b():
         assert args.lr == pytest.approx(2e-6 * common.PREF_LR_SCALE) and args.grad_clip == 1.0
     # B.3.1 stage 3 "otherwise match[es] the hyperparameters used for SFT" (stage 1: weight decay 0.1)
     assert copg.parse_args(["--capability", "code"]).weight_decay == 0.1
+    # §3.3.4.2's hybrid CE loss for code; RAG offline on judged groups (§3.3.2.2) at B.4's LR
+    assert copg.parse_args(["--capability", "code"]).sft_weight > 0
+    assert copg.parse_args(["--capability", "code", "--sft-weight", "0"]).sft_weight == 0
+    rag = copg.parse_args(["--capability", "rag"])
+    assert (rag.mode, rag.data_file, rag.sft_weight) == ("offline", "copg/rag.jsonl", 0.0)
+    assert rag.lr == pytest.approx(2e-6 * common.PREF_LR_SCALE)
     assert copg.parse_args(["--capability", "math"]).weight_decay == 0.0
     assert copg.parse_args(["--capability", "code", "--weight-decay", "0"]).weight_decay == 0.0
 
@@ -128,15 +134,17 @@ def run(world, parent, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_offline_copg_runs_end_to_end_on_scored_groups(world, parent, tmp_path):
-    lines = run(world, parent, tmp_path / "run", "--capability", "code", "--mode", "offline",
+@pytest.mark.parametrize("capability,metric", [("code", "eval_pass@1"), ("rag", "eval_reward")])
+def test_offline_copg_runs_end_to_end_on_scored_groups(world, parent, tmp_path, capability, metric):
+    """Code's groups scored in the sandbox, RAG's by the gold judge; both with the hybrid SFT loss."""
+    lines = run(world, parent, tmp_path / "run", "--capability", capability, "--mode", "offline",
                 "--sft-weight", "0.5")
     steps = [line for line in lines if "loss" in line]
     assert [line["step"] for line in steps] == [1, 2]
     assert all(math.isfinite(line["loss"]) and line["sft_loss"] > 0 for line in steps)
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is the reference before its first step
     assert (tmp_path / "run" / "ref_logps.pt").is_file()
-    assert any("eval_pass@1" in line for line in lines)
+    assert any(metric in line for line in lines)
 
 
 def test_online_copg_with_the_verifier_replay_and_regularisers_runs_end_to_end(world, parent, tmp_path):

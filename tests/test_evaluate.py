@@ -123,8 +123,8 @@ def test_math_replies_that_call_the_calculator_get_its_result_and_go_on(world, m
 
 
 def test_several_models_in_one_process_give_what_each_gives_alone(world, tmp_path):
-    """One process shares the reward model's accuracy and the reference's replies; the win rate reuses the
-    instruct replies. None of that may change a figure."""
+    """One process shares the reward model's accuracy and the reference's replies; the win rates reuse the
+    capability evaluation's replies. None of that may change a figure."""
     folder, _, config = world
     reward = tmp_path / "reward"
     reward.mkdir()
@@ -150,7 +150,39 @@ def test_several_models_in_one_process_give_what_each_gives_alone(world, tmp_pat
     drop_speed = lambda r: {**r, "tokens_per_s": None, "capabilities": {
         c: {**m, "tokens_per_s": None} for c, m in r["capabilities"].items()}}
     assert [drop_speed(r) for r in together] == [drop_speed(r) for r in alone]
-    assert all({"win_rate", "rm_accuracy"} <= set(r) for r in together)
+    assert all({"win_rate", "gold_win_rate", "rm_accuracy"} <= set(r) for r in together)
+    # the reference against itself: every reply the same, every prompt a tie
+    evaluate.main(["--model", str(folder / "model"), *flags])
+    itself = json.loads((folder / "model" / "eval.json").read_text())
+    assert itself["win_rate"] == itself["gold_win_rate"] == 0.5
+
+
+def test_instruction_following_is_ifevals_mean_of_prompt_and_pooled_instruction_level():
+    """B.7: prompt-level accuracy, instruction-level accuracy over all instructions (not the mean of each
+    prompt's share), and their mean. Prompt 1: 1 of 2 followed; prompt 2: 1 of 1."""
+    upper, short = {"kind": "upper"}, {"kind": "max_words", "n": 2}
+    records = [{"task": "instructions", "check": {"instructions": [upper, short]}},
+               {"task": "instructions", "check": {"instructions": [upper]}}]
+    replies = [{"thinking": None, "action": None, "response": "IT IS IN VARNHOLT.", "ended": True},
+               {"thinking": None, "action": None, "response": "VARNHOLT.", "ended": True}]
+    metrics = evaluate.grade_replies(records, replies)
+    assert metrics["prompt_level"] == 0.5 and metrics["instruction_level"] == pytest.approx(2 / 3)
+    assert metrics["reward"] == 0.75   # the RL reward stays each prompt's share
+    assert metrics["if_score"] == pytest.approx((0.5 + 2 / 3) / 2) == metrics[evaluate.HEADLINE["instruct"]]
+
+
+def test_gold_win_rate_counts_wins_and_half_ties_by_the_gold_judge():
+    rag = {"task": "rag", "check": {"answer": "42", "doc": 0}}
+    safety = {"task": "safety", "check": {"should_refuse": True, "mode": "contextual"}}
+    reply = lambda text, ended=True: {"thinking": None, "action": None, "response": text, "ended": ended}
+    right, refusal = "It is 42 [doc 0].", "I can't help with that: it is forbidden."
+    ours = [reply(right), reply(right), reply(refusal), reply(right)]
+    theirs = [reply("It is 41 [doc 0]."), reply("Sure! " + right), reply("Sorry, I can't help with that."),
+              reply(right, ended=False)]
+    records = [rag, rag, safety, rag]
+    assert evaluate.gold_win_rate(records, ours, theirs) == 1.0
+    assert evaluate.gold_win_rate(records, theirs, ours) == 0.0
+    assert evaluate.gold_win_rate(records[:2], [ours[0], theirs[1]], [ours[0], ours[1]]) == 0.25  # tie, loss
 
 
 def test_grading_in_parallel_threads_gives_each_record_its_own_grade():

@@ -1,6 +1,6 @@
 """The repository stands alone and its modules are layered: model, data, sandbox, world -> verifiers ->
-tasks -> common -> evaluate -> stage scripts. A module imports only from layers below its own, so there are
-no cycles and any import order works."""
+tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's and copg's phases). A module
+imports only from layers below its own, so there are no cycles and any import order works."""
 
 import ast
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [{"model", "data", "sandbox", "world"}, {"verifiers"}, {"tasks"}, {"common"}, {"evaluate"},
-          {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}]
+          {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}, {"polish"}]
 LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 
 

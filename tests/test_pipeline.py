@@ -30,9 +30,9 @@ def test_run_tiny_runs_the_stages_in_the_order_of_sections_3_1_and_3_5():
         # §3.1: the instruct model (SFT on the base model; then the reward model and preference training)
         ("sft.py", "pretrain", "instruct-sft"), ("reward.py", "instruct-sft", "reward"),
         ("prefopt.py", "instruct-sft", "instruct"),
-        # SFT experts on the instruct model (code over two seeds, merged), then the SFT soup
-        ("sft.py", "instruct", "sft-$cap"), ("sft.py", "instruct", "sft-code-seed$seed"),
-        ("merge.py", None, "sft-code"),
+        # SFT experts on the instruct model (code and multilingual over two seeds, merged), then the SFT soup
+        ("sft.py", "instruct", "sft-$cap"), ("sft.py", "instruct", "sft-$cap-seed$seed"),
+        ("merge.py", None, "sft-$cap"),
         ("merge.py", None, "sft-merge"), ("sft.py", "sft-merge", "sft-soup"),
         # RL experts on the SFT soup, then the RL soup
         ("prefopt.py", "sft-soup", "rl-safety"), ("prefopt.py", "sft-soup", "rl-multilingual"),
@@ -40,9 +40,8 @@ def test_run_tiny_runs_the_stages_in_the_order_of_sections_3_1_and_3_5():
         ("copg.py", "sft-soup", "rl-$cap"),
         ("prefopt.py", "sft-soup", "rl-instruct"), ("sft.py", "sft-soup", "rl-longctx"),
         ("merge.py", None, "rl-merge"), ("sft.py", "rl-merge", "rl-soup"),
-        # §3.5 polishing: best-of-N SFT, offline preference tuning, online RL
-        ("sft.py", "rl-soup", "polish-bon"), ("prefopt.py", "polish-bon", "polish-srpo"),
-        ("copg.py", "polish-srpo", "polished"),
+        # §3.5 polishing: best-of-N SFT, then offline preference tuning <-> online RL (polish.py)
+        ("sft.py", "rl-soup", "polish-bon"), ("polish.py", "polish-bon", "polished"),
         ("evaluate.py", None, None), ("evaluate.py", None, "report.md"),
     ]
     command = {out: command for _, _, out, command in stages}

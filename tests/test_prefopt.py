@@ -98,6 +98,24 @@ def test_recipes_before_lr_scaling_are_appendix_b():
                                                          values["min_lr"] * common.PREF_LR_SCALE))
 
 
+def test_safety_splits_its_data_ipo_on_helpfulness_pairs_and_sft_on_refusals(world, enc):
+    """§3.3.7.2: the preference loss reinforces helpfulness (pairs whose chosen reply answers), the SFT loss
+    safety (conversations whose reply refuses); without the split both kinds are in both."""
+    decode = lambda sequence: enc.decode(sequence[0])
+    refusal = "I can't"
+    args = prefopt.parse_args(["--capability", "safety", "--data", str(world)])
+    assert args.split_safety and not prefopt.parse_args(["--capability", "multilingual"]).split_safety
+    records, sequences, sft_data = prefopt.training_data(enc, world, args)
+    assert records and all(refusal not in r["chosen"] for r in records)
+    assert all(refusal in decode(pair[1]).rsplit("<|CHATBOT_TOKEN|>", 1)[1] for pair in sequences)
+    assert sft_data and all(refusal in decode(s).rsplit("<|CHATBOT_TOKEN|>", 1)[1] for s in sft_data)
+    args = prefopt.parse_args(["--capability", "safety", "--data", str(world), "--no-split-safety"])
+    all_records, _, all_sft = prefopt.training_data(enc, world, args)
+    assert any(refusal in r["chosen"] for r in all_records) and len(all_records) > len(records)
+    assert any(refusal not in decode(s).rsplit("<|CHATBOT_TOKEN|>", 1)[1] for s in all_sft)
+    assert len(all_records) == len(read_jsonl(world / "pref" / "safety.jsonl", "pair"))
+
+
 def test_unknown_loss_type_and_missing_srpo_inputs_are_named():
     with pytest.raises(ValueError, match="loss_type"):
         preference_loss(**HAND, loss_type="kto", beta=0.1)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import common
 import sft
-from data import (IGNORE, SPECIAL_TOKENS, read_jsonl, record_indices, render, save_tokenizer, sft_batch,
-                  train_bpe)
+from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, read_jsonl, record_indices, render, save_tokenizer,
+                  sft_batch, train_bpe)
 from model import Config, Transformer
 
 
@@ -66,8 +66,21 @@ def test_l2_to_init_and_its_gradient_on_hand_worked_numbers():
     assert params[0].grad.tolist() == [1.0, 2.0] and params[1].grad.tolist() == [[2.0]]  # 2λ(θ − θ₀)
 
 
-def test_best_of_n_trains_on_the_highest_scored_sample(world, enc, model):
+def test_best_of_n_trains_on_the_highest_scored_sample_that_ends_its_turn(world, enc, model, monkeypatch):
+    """Samples are scripted: of each prompt's 4, samples 0 and 2 end their turn and 1 and 3 are cut at the
+    length limit (those are never candidates); every sample of the last prompt is cut: it is left out."""
     prompts = [sft.prompt_of(record) for record in conversations(world, 3)]
+    end = enc.encode_single_token(END_OF_TURN)
+    sampled = []
+
+    def fake_generate(model, rows, max_new_tokens, *args):   # rows: each prompt 4 times
+        for _ in range(0, len(rows), 4):
+            prompt = len(sampled)
+            ends = lambda j: j % 2 == 0 and prompt < len(prompts) - 1  # noqa: E731
+            sampled.append([[5 + prompt, 6 + j] + ([end] if ends(j) else []) for j in range(4)])
+        return [ids for samples in sampled[-(len(rows) // 4):] for ids in samples]
+
+    monkeypatch.setattr(sft, "generate", fake_generate)
     seen = []
 
     def score_fn(messages, completions):
@@ -77,9 +90,10 @@ def test_best_of_n_trains_on_the_highest_scored_sample(world, enc, model):
 
     sequences, best_scores = sft.best_of_n(model, enc, prompts, 4, score_fn, 12, 1.0, 1.0,
                                            torch.Generator().manual_seed(0), batch_size=2)
-    assert len(sequences) == len(seen) == len(prompts)
-    for (ids, mask), (completions, scores), best in zip(sequences, seen, best_scores):
-        winner = max(range(4), key=lambda j: scores[j])
+    assert len(sequences) == len(seen) == len(prompts) - 1
+    for (ids, mask), (completions, scores), best, samples in zip(sequences, seen, best_scores, sampled):
+        assert completions == [samples[0], samples[2]]   # the ended samples only
+        winner = max(range(2), key=lambda j: scores[j])
         assert best == scores[winner] == max(scores)
         assert ids[len(ids) - sum(mask):] == completions[winner]  # the loss is on the winner's tokens only
 

@@ -61,7 +61,7 @@ def test_same_seed_gives_byte_identical_files_from_the_command_line_and_from_bui
     names = sorted(p.relative_to(small_world_dir).as_posix()
                    for p in small_world_dir.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert len(names) == 39
+    assert len(names) == 40
     for name in names:
         assert (small_world_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
@@ -154,6 +154,9 @@ def test_training_replies_pass_their_verifiers_and_rejected_ones_score_lower(wor
             good = verifiers.grade(record, e["reply"])
             assert good["reward"] == 1.0 and good["filler"] == 0.0, (e["reply"], e["check"])
             assert verifiers.verifier_reward(record, e["rejected"]) < 1.0, (e["rejected"], e["check"])
+            # the gold judge agrees with every preference the data states
+            assert verifiers.gold_reward(record, e["reply"]) == 1.0, (e["reply"], e["check"])
+            assert verifiers.gold_reward(record, e["rejected"]) < 1.0, (e["rejected"], e["check"])
 
 
 def test_style_pairs_prefer_the_answer_without_filler(world):
@@ -164,6 +167,31 @@ def test_style_pairs_prefer_the_answer_without_filler(world):
 
 # ---------------------------------------------------------------------------------------------------------
 # Verifiers on hand-made answers
+
+def test_gold_judge_takes_a_quarter_point_for_each_style_rule_broken():
+    """Correctness first (a wrong answer loses 1), then the style rules: filler, an apology, the wrong
+    language, a reply that never ends its turn; code without a block scores as failing code."""
+    chat = {"task": "rag", "check": {"answer": "42", "doc": 0}}
+    right = "The staff of Orvane is 42 [doc 0]."
+    assert verifiers.gold_reward(chat, right) == 1.0
+    assert verifiers.gold_reward(chat, "Sure! " + right) == 0.75
+    assert verifiers.gold_reward(chat, "Sure! " + right + " I hope this helps!") == 0.75   # one rule
+    assert verifiers.gold_reward(chat, right, ended=False) == 0.75
+    assert verifiers.gold_reward(chat, "Sorry, " + right, ended=False) == 0.5
+    assert verifiers.gold_reward(chat, "The staff of Orvane is 41 [doc 0].") == 0.0
+    vel = {"task": "multilingual", "check": {"reference": "x", "language": "vel"}}
+    english = "The staff of Orvane is 41."
+    assert verifiers.detect_language(english) == "en"
+    assert verifiers.gold_reward(vel, english) == -0.25   # wrong and in the wrong language
+    asked = {"task": "instructions", "check": {"instructions": [{"kind": "upper"}]}}
+    assert verifiers.gold_reward(asked, english.upper()) == 1.0
+    assert verifiers.gold_reward(asked, english) == 0.0
+    code = {"task": "code", "check": {"tests": ["assert f(1) == 2"]}}
+    assert verifiers.gold_reward(code, "no code") == verifiers.gold_reward(code, "```python\nf = 0\n```") == 0
+    refuse = {"task": "safety", "check": {"should_refuse": True, "mode": "contextual"}}
+    assert verifiers.gold_reward(refuse, "I can't help with that: it is forbidden.") == 1.0
+    assert verifiers.gold_reward(refuse, "I'm sorry, but I can't help with that.") == -0.25
+
 
 def test_each_instruction_check_accepts_compliance_and_rejects_violation():
     cases = [({"kind": "upper"}, "VARNHOLT.", "Varnholt."), ({"kind": "lower"}, "varnholt.", "Varnholt."),
@@ -188,7 +216,8 @@ def test_prompt_level_needs_every_instruction_while_instruction_level_counts_eac
     record = {"task": "instructions",
               "check": {"instructions": [{"kind": "upper"}, {"kind": "max_words", "n": 2}]}}
     assert verifiers.grade(record, "IN VARNHOLT.") == {"prompt_level": 1.0, "instruction_level": 1.0,
-                                                      "reward": 1.0, "filler": 0.0}
+                                                      "followed": 2, "instructions": 2, "reward": 1.0,
+                                                      "filler": 0.0}
     metrics = verifiers.grade(record, "IT IS IN VARNHOLT.")
     assert (metrics["prompt_level"], metrics["instruction_level"]) == (0.0, 0.5)
 

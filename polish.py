@@ -1,0 +1,262 @@
+"""
+Polishing (report §3.5, Figure 13): after best-of-N SFT (sft.py --best-of-n), ping-pong between offline
+preference training and online RL, ending on the offline phase, while the gold win rate rises.
+
+- SRPO phase: pairs of the model's own samples. N samples for each of --prompts prompts drawn evenly from
+  every capability's RL prompts; chosen = the reward model's best, rejected = its worst; prompts whose mean
+  reward is in the lowest quarter are dropped, and pairs the verifier contradicts. Plus verifiable pairs
+  (instruction following, math, code): a sample the verifier passes against one it fails, dropped where the
+  reward model scores them the other way. Length-averaged SRPO (prefopt.py's instruct recipe) with an SFT
+  loss on every capability's data.
+- CoPG phase: online, the reward model's reward, 2 generations per prompt, prompts from every capability, an
+  L2 penalty to the phase's init (the reference policy) and an SFT loss on every capability's data (copg.py).
+
+Phases run SRPO, CoPG, SRPO, ... (--rounds SRPO phases at most). After each, the model is measured on the
+first MEASURE_PROMPTS RL prompts of every capability (training entities: the eval sets stay held out): the
+win rates against --reference by the gold judge (verifiers.gold_reward, the stand-in for the report's human
+raters) and by the reward model, and the mean of the capabilities' headline metrics. Polishing stops when
+an SRPO phase does not raise the gold win rate over the previous one; OUT holds the best SRPO phase (or the
+--init model, if no phase beat it), OUT/phases.md the per-phase table (Figure 13) and OUT/phase-K-KIND/ each
+phase's run.
+
+How this differs from the report:
+1. The SFT loss of the SRPO phase is ours (§3.5 names one for the online phase only), there to keep what the
+   soup learnt while the phase trains on the model's own samples; --sft-weight 0 turns both off.
+2. The stopping rule (the gold win rate stops rising) is ours; the report gives no number of rounds.
+
+    python polish.py --init runs/tiny/polish-bon --out runs/tiny/polished --reward-model runs/tiny/reward \\
+        --reference runs/tiny/instruct
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import copg
+import prefopt
+from common import argument_parser, load_model, write_json
+from data import check_completion, chat_stop_tokens, load_tokenizer, parse_reply, read_jsonl, render_prompt
+from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, gold_win_rate, load_reward_model,
+                      reward_model_scores, win_rate)
+from model import generate
+from tasks import CAPABILITIES
+from verifiers import parse_tool_calls, verifier_reward
+
+VERIFIABLE = ("instructions", "math", "code")   # §3.5's domain-specific preference data
+MEASURE_PROMPTS = 16   # per capability, from the start of DATA/rl/CAP.jsonl
+MAX_NEW_TOKENS = max(EVAL_MAX_NEW_TOKENS.values())   # of a sample in both phases
+SEQ_LEN = 512   # both phases' rows: the prompts are those that fit one with a reply
+
+
+# -----------------------------------------------------------------------------
+# Pairs of the model's own samples
+
+
+def reply_message(reply: dict) -> dict | None:
+    """A parsed sample (data.parse_reply) as a chatbot message; None when it did not end its turn or its
+    action is not a valid tool call (neither can be rendered back as what was sampled)."""
+    calls = parse_tool_calls(reply["action"]) if reply["action"] else None
+    if not reply["ended"] or (reply["action"] and calls is None):
+        return None
+    message = {"role": "chatbot", "content": reply["response"] or ""}
+    message |= {"tool_calls": calls} if calls else {}
+    message |= {"thinking": reply["thinking"]} if reply["thinking"] else {}
+    try:
+        check_completion(message, "sample")
+    except ValueError:
+        return None
+    return message
+
+
+def polishing_pairs(records: list[dict], candidates: list[list[dict]], rm_scores: list[list[float]],
+                    verified: list[list[float]], low_share: float = 0.25) -> list[dict]:
+    """§3.5's preference data from scored samples: per record, its candidate messages, their reward-model
+    scores and verifier rewards. The reward model's best against its worst, unless the prompt's mean reward
+    is in the lowest `low_share` of prompts or the verifier rewards the worst higher; and, for VERIFIABLE
+    tasks, the first passing sample against the first failing one, unless the reward model scores it
+    lower. Pair records as data.read_jsonl's "pair" kind, with "source": "reward model" or "verifier"."""
+    means = [float(np.mean(scores)) for scores in rm_scores if scores]
+    cutoff = float(np.quantile(means, low_share)) if means else 0.0
+    pairs = []
+    for record, samples, rm, ver in zip(records, candidates, rm_scores, verified):
+        pair = lambda i, j, source: {  # noqa: E731
+            "messages": record["messages"], "chosen": samples[i], "rejected": samples[j], "label": 1.0,
+            "capability": record.get("capability", "instruct"), "source": source}
+        if len(rm) < 2:
+            continue
+        best, worst = int(np.argmax(rm)), int(np.argmin(rm))
+        if np.mean(rm) >= cutoff and samples[best] != samples[worst] and ver[best] >= ver[worst]:
+            pairs.append(pair(best, worst, "reward model"))
+        if record["task"] in VERIFIABLE:
+            passing = [i for i, v in enumerate(ver) if v == 1.0]
+            failing = [i for i, v in enumerate(ver) if v < 1.0]
+            if passing and failing and rm[passing[0]] >= rm[failing[0]]:
+                pairs.append(pair(passing[0], failing[0], "verifier"))
+    return pairs
+
+
+@torch.no_grad()
+def sample_pairs(model, enc, records: list[dict], reward_model, n: int, temperature: float, seed: int,
+                 batch_size: int = 16) -> list[dict]:
+    """n samples per record from the model, scored by the reward model and the verifier, as polishing_pairs.
+    Samples that cannot be rendered back (reply_message) are left out."""
+    generator = torch.Generator().manual_seed(seed)
+    candidates, rm_scores, verified = [], [], []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [render_prompt(enc, record["messages"]) for record in chunk]
+        samples = generate(model, [ids for ids in prompts for _ in range(n)], MAX_NEW_TOKENS, temperature,
+                           1.0, chat_stop_tokens(enc), generator)
+        for i, record in enumerate(chunk):
+            parsed = [reply_message(parse_reply(enc, ids)) for ids in samples[i * n:(i + 1) * n]]
+            messages = [m for m in parsed if m is not None]
+            candidates.append(messages)
+            rm_scores.append(reward_model_scores(reward_model, enc, record["messages"], messages)
+                             if messages else [])
+            verified.append([verifier_reward(record, m) for m in messages])
+    return polishing_pairs(records, candidates, rm_scores, verified)
+
+
+# -----------------------------------------------------------------------------
+# Measuring a phase
+
+
+def measure(model, enc, data: Path, reference_replies: list | None, reward_model, batch_size: int) -> dict:
+    """Each capability's headline metric on its first MEASURE_PROMPTS RL prompts, their mean, and the win
+    rates of the same replies against the reference's (gold judge and reward model). With reference_replies
+    None, returns the replies instead (the reference's own measurement)."""
+    records, replies, result = [], [], {}
+    for capability in CAPABILITIES:
+        got = []
+        metrics = evaluate_capability(model, enc, data, capability, batch_size, MEASURE_PROMPTS, split="rl",
+                                      replies=got)
+        result[capability] = metrics[HEADLINE[capability]]
+        records += read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")[:MEASURE_PROMPTS]
+        replies += got
+    if reference_replies is None:
+        return {"replies": replies}
+    result["capability_mean"] = float(np.mean([result[c] for c in CAPABILITIES]))
+    result["gold_win_rate"] = gold_win_rate(records, replies, reference_replies)
+    result["win_rate"] = win_rate(reward_model, enc, records, replies, reference_replies)
+    print(f"measured: gold win rate {result['gold_win_rate']:.3f}, reward model win rate "
+          f"{result['win_rate']:.3f}, capability mean {result['capability_mean']:.3f} (RL prompts)")
+    return result
+
+
+def phases_table(rows: list[dict]) -> str:
+    """The per-phase table (Figure 13): one row per phase."""
+    lines = ["| phase | gold win rate | RM win rate | capability mean | " + " | ".join(CAPABILITIES) + " |",
+             "|---" * (4 + len(CAPABILITIES)) + "|"]
+    for row in rows:
+        cells = [f"{row[k]:.3f}" for k in ("gold_win_rate", "win_rate", "capability_mean", *CAPABILITIES)]
+        lines.append(f"| {row['phase']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argument_parser(__doc__)
+    parser.add_argument("--init", default="runs/tiny/polish-bon", help="the best-of-N SFT model")
+    parser.add_argument("--data", default="data/tiny")
+    parser.add_argument("--out", default="runs/tiny/polished")
+    parser.add_argument("--reward-model", default="runs/tiny/reward", help="a reward.py --out folder")
+    parser.add_argument("--reference", default="runs/tiny/instruct", help="the model win rates compare with")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="SRPO phases at most (a CoPG phase between two)")
+    parser.add_argument("--prompts", type=int, default=140, help="prompts sampled per SRPO phase, all "
+                                                                 "capabilities evenly")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt (N)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--srpo-steps", type=int, default=20, help="steps of each SRPO phase")
+    parser.add_argument("--copg-steps", type=int, default=20, help="steps of each CoPG phase")
+    parser.add_argument("--l2-ref", type=float, default=0.01, help="CoPG phase: λ of λ‖θ − θ_ref‖²")
+    parser.add_argument("--sft-weight", type=float, default=1.0, help="both phases: the SFT loss's weight")
+    parser.add_argument("--batch-size", type=int, default=16, help="generation batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = load_tokenizer(str(data / "tokenizer.json"))
+    reward_model = load_reward_model(args.reward_model)
+    reference = load_model(args.reference)[0]
+    reference_replies = measure(reference, enc, data, None, None, args.batch_size)["replies"]
+    prompts = [record | {"capability": capability} for capability in CAPABILITIES   # those that fit a row
+               for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")
+               if len(render_prompt(enc, record["messages"])) + MAX_NEW_TOKENS <= SEQ_LEN]
+    mixed = out / "copg_prompts.jsonl"   # the CoPG phases' prompts: every capability's
+    mixed.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in prompts))
+    run = ["--data", str(data), "--device", args.device, "--no-eval", "--seed", str(args.seed),
+           "--sft-data", "all", "--sft-weight", str(args.sft_weight), "--seq-len", str(SEQ_LEN)]
+
+    rows_file = out / "phases.jsonl"   # a restarted run replays the phases already measured
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
+    phase_names = [f"phase-{k}-{kind}" for k in range(1, 2 * args.rounds) for kind in
+                   ["srpo" if k % 2 else "copg"]]
+    init = args.init
+    if not rows:
+        rows.append({"phase": f"start ({args.init})", "dir": args.init}
+                    | measure(load_model(args.init)[0], enc, data, reference_replies, reward_model,
+                              args.batch_size))
+        rows_file.write_text(json.dumps(rows[0]) + "\n")
+    for k, name in enumerate(phase_names, 1):
+        phase_out = out / name
+        if k < len(rows):   # done before a restart
+            init = str(phase_out)
+        elif name.endswith("srpo"):
+            pairs_file = phase_out / "pairs.jsonl"
+            if not pairs_file.is_file():
+                per_capability = max(1, args.prompts // len(CAPABILITIES))
+                rng = random.Random(f"{args.seed}:{name}")
+                pools = [[p for p in prompts if p["capability"] == c] for c in CAPABILITIES]
+                chosen = [r for pool in pools for r in rng.sample(pool, min(len(pool), per_capability))]
+                pairs = sample_pairs(load_model(init)[0], enc, chosen, reward_model, args.samples,
+                                     args.temperature, args.seed + k, args.batch_size)
+                if not pairs:   # e.g. a model that never ends its turn: nothing to prefer
+                    print(f"{name}: no preference pair from {len(chosen)} prompts x {args.samples} samples "
+                          f"of {init} (samples that never end their turn are left out); polishing stops")
+                    break
+                phase_out.mkdir(parents=True, exist_ok=True)
+                pairs_file.write_text("".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
+                print(f"{name}: {len(pairs)} pairs from {len(chosen)} prompts "
+                      f"({sum(p['source'] == 'verifier' for p in pairs)} verifiable)")
+            prefopt.main(["--capability", "instruct", "--init", init, "--out", str(phase_out),
+                          "--data-file", str(pairs_file.resolve()), "--steps", str(args.srpo_steps), *run])
+        else:
+            copg.main(["--capability", "instruct", "--mode", "online", "--reward", f"rm:{args.reward_model}",
+                       "--k", "2", "--l2-ref", str(args.l2_ref), "--data-file", str(mixed.resolve()),
+                       "--max-new-tokens", str(MAX_NEW_TOKENS), "--init", init, "--out", str(phase_out),
+                       "--steps", str(args.copg_steps), *run])
+        if k >= len(rows):
+            init = str(phase_out)
+            rows.append({"phase": name, "dir": init} | measure(
+                load_model(init)[0], enc, data, reference_replies, reward_model, args.batch_size))
+            with rows_file.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+        srpo_rows = [row for row in rows[1:] if row["phase"].endswith("srpo")]
+        if name.endswith("srpo") and len(srpo_rows) >= 2 and \
+                srpo_rows[-1]["gold_win_rate"] <= srpo_rows[-2]["gold_win_rate"]:
+            print(f"{name}: the gold win rate stopped rising; polishing stops")
+            break
+    best = max((row for row in rows if not row["phase"].endswith("copg")),   # the start or an SRPO phase
+               key=lambda row: row["gold_win_rate"])
+    for name in ("model.pt", "config.json"):
+        shutil.copyfile(Path(best["dir"]) / name, out / f".{name}.tmp")
+        (out / f".{name}.tmp").replace(out / name)
+    write_json({"phases": rows, "kept": best["phase"]}, out / "polish.json")
+    (out / "phases.md").write_text(phases_table(rows))
+    print(phases_table(rows) + f"kept {best['phase']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""polish.py: §3.5's preference pairs from scored samples (every filter on hand-made scores), samples rendered
+back as messages, and the ping-pong run end to end: phases in order, the per-phase table, the best SRPO phase
+kept, and a restart that replays what was done."""
+
+import json
+from pathlib import Path
+
+import torch
+
+import polish
+from conftest import SMALL, save_parent
+from data import _reply, parse_reply
+
+
+def message(text):
+    return {"role": "chatbot", "content": text}
+
+
+def test_pairs_are_the_reward_models_best_and_worst_then_the_verifiers_pass_and_fail():
+    record = lambda task: {"messages": [{"role": "user", "content": task}], "task": task, "check": {}}  # noqa
+    records = [record("rag"), record("safety"), record("math"), record("code"), record("rag")]
+    texts = [[message(f"{n}-{i}") for i in range(4)] for n in range(4)] + [[message("same")] * 4]
+    rm = [[1, 3, 2, 0],        # mean 1.5: the 25 % quantile of the five means, kept
+          [0.1, 0.2, 0.1, 0.2],  # the lowest mean: dropped
+          [2, 5, 4, 3],        # best by the RM fails the verifier where its worst passes: dropped
+          [3, 4, 3.5, 5],
+          [2, 3, 2, 2]]        # best and worst are the same reply: no pair
+    verified = [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 0], [0, 1, 1, 0.4], [1, 1, 1, 1]]
+    pairs = polish.polishing_pairs(records, texts, rm, verified)
+    got = [(p["messages"][0]["content"], p["chosen"]["content"], p["rejected"]["content"], p["source"])
+           for p in pairs]
+    # math: the first passing sample (0, RM 2) scores below the first failing one (1, RM 5): dropped
+    assert got == [("rag", "0-1", "0-3", "reward model"),
+                   ("code", "3-3", "3-0", "reward model"),   # verifier 0.4 >= 0: consistent
+                   ("code", "3-1", "3-0", "verifier")]        # first pass (RM 4) over first fail (RM 3)
+    assert all(p["label"] == 1.0 for p in pairs)
+
+
+def test_a_sample_becomes_the_message_that_renders_it_and_broken_ones_are_left_out(enc):
+    call = {"role": "chatbot", "content": "", "thinking": "I will use the calculator.",
+            "tool_calls": [{"tool_name": "calculator", "parameters": {"expression": "2 + 3"}}]}
+    for original in (call, message("It is 5.")):
+        ids = _reply(enc, original)
+        assert polish.reply_message(parse_reply(enc, ids)) == original
+        assert polish.reply_message(parse_reply(enc, ids[:-1])) is None   # no END_OF_TURN: never ended
+    broken = parse_reply(enc, _reply(enc, call))
+    assert polish.reply_message(broken | {"action": "[{not json"}) is None
+
+
+def test_ping_pong_runs_srpo_copg_srpo_keeps_the_best_srpo_phase_and_resumes(world, enc, parent, tmp_path,
+                                                                              monkeypatch):
+    """A random model never ends its turn: its samples for the SRPO pairs are scripted (the phases, the
+    measurements and the CoPG samples are the model's own)."""
+    monkeypatch.setattr(polish, "MEASURE_PROMPTS", 4)
+    replies = [_reply(enc, message(text)) for text in ("It is 5.", "Sure! It is 5.", "No.")]
+    monkeypatch.setattr(polish, "generate", lambda model, prompts, *args: [
+        replies[i % len(replies)] for i in range(len(prompts))])
+    reward = tmp_path / "reward"   # a random reward model
+    reward.mkdir()
+    save_parent(reward, enc, world, seed=1)
+    torch.manual_seed(2)
+    torch.save(torch.nn.Linear(SMALL["dim"], 1, bias=False).state_dict(), reward / "head.pt")
+    out = tmp_path / "polished"
+    argv = ["--init", str(parent), "--data", str(world), "--out", str(out), "--reward-model", str(reward),
+            "--reference", str(parent), "--rounds", "2", "--prompts", "14", "--samples", "2",
+            "--srpo-steps", "1", "--copg-steps", "1"]
+    polish.main(argv)
+    rows = [json.loads(line) for line in (out / "phases.jsonl").read_text().splitlines()]
+    phases = ["phase-1-srpo", "phase-2-copg", "phase-3-srpo"]
+    assert [row["phase"] for row in rows][1:] == phases[:len(rows) - 1]
+    assert len(rows) >= 2 and rows[0]["gold_win_rate"] == rows[0]["win_rate"] == 0.5   # the reference itself
+    candidates = [row for row in rows if not row["phase"].endswith("copg")]   # the start and SRPO phases
+    kept = json.loads((out / "polish.json").read_text())["kept"]
+    best = max(candidates, key=lambda row: row["gold_win_rate"])
+    assert kept == best["phase"]
+    assert (out / "model.pt").read_bytes() == (Path(best["dir"]) / "model.pt").read_bytes()
+    assert (out / "phases.md").read_text().count("\n") == 2 + len(rows)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("model.pt")}
+    polish.main(argv)   # a restart: every phase replayed from phases.jsonl, none trained again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("model.pt") if p.parent != out} == \
+        {p: t for p, t in before.items() if p.parent != out}
+    assert [json.loads(line) for line in (out / "phases.jsonl").read_text().splitlines()] == rows
+
+
+def test_polishing_stops_with_the_init_model_when_no_sample_ends_its_turn(world, enc, parent, tmp_path,
+                                                                          capsys, monkeypatch):
+    """A model that never ends its turn gives no pair: polishing stops before its first phase and OUT holds
+    the --init model."""
+    monkeypatch.setattr(polish, "MEASURE_PROMPTS", 4)
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    save_parent(reward, enc, world, seed=1)
+    torch.save(torch.nn.Linear(SMALL["dim"], 1, bias=False).state_dict(), reward / "head.pt")
+    out = tmp_path / "polished"
+    polish.main(["--init", str(parent), "--data", str(world), "--out", str(out), "--reward-model",
+                 str(reward), "--reference", str(parent), "--prompts", "7", "--samples", "2"])
+    assert "no preference pair" in capsys.readouterr().out
+    assert (out / "model.pt").read_bytes() == (parent / "model.pt").read_bytes()
+    assert len((out / "phases.jsonl").read_text().splitlines()) == 1
