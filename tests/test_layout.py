@@ -53,7 +53,7 @@ def test_no_file_cites_documents_outside_the_repository():
 
 
 def test_the_stage_defaults_chain_as_the_readme_prints_them():
-    import copg, prefopt, pretrain, reward, sft  # noqa: E401
+    import copg, polish, prefopt, pretrain, reward, sft  # noqa: E401
 
     instruct_sft = sft.parse_args(["--capability", "instruct"])
     assert instruct_sft.init == pretrain.parse_args([]).out == "runs/tiny/pretrain"
@@ -66,3 +66,6 @@ def test_the_stage_defaults_chain_as_the_readme_prints_them():
     for stage, capability in ((copg, "math"), (copg, "code"), (prefopt, "safety"), (prefopt, "multilingual")):
         rl = stage.parse_args(["--capability", capability])
         assert (rl.init, rl.out) == ("runs/tiny/sft-soup", f"runs/tiny/rl-{capability}")
+    polishing = polish.parse_args([])
+    assert (polishing.init, polishing.out) == ("runs/tiny/polish-bon", "runs/tiny/polished")
+    assert polishing.reference == instruct.out
