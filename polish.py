@@ -163,8 +163,9 @@ def phases_table(rows: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argument_parser(__doc__)
     parser.add_argument("--init", default="runs/tiny/polish-bon", help="the best-of-N SFT model")
-    parser.add_argument("--data", default="data/tiny")
-    parser.add_argument("--out", default="runs/tiny/polished")
+    parser.add_argument("--data", default="data/tiny", help="folder with tokenizer.json, rl/, sft/, eval/")
+    parser.add_argument("--out", default="runs/tiny/polished",
+                        help="the polished model; each phase's run in OUT/phase-K-KIND/")
     parser.add_argument("--reward-model", default="runs/tiny/reward", help="a reward.py --out folder")
     parser.add_argument("--reference", default="runs/tiny/instruct", help="the model win rates compare with")
     parser.add_argument("--rounds", type=int, default=2,
@@ -172,14 +173,15 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", type=int, default=140, help="prompts sampled per SRPO phase, all "
                                                                  "capabilities evenly")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (N)")
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=0.7, help="of the SRPO phases' samples")
     parser.add_argument("--srpo-steps", type=int, default=20, help="steps of each SRPO phase")
     parser.add_argument("--copg-steps", type=int, default=20, help="steps of each CoPG phase")
     parser.add_argument("--l2-ref", type=float, default=0.01, help="CoPG phase: λ of λ‖θ − θ_ref‖²")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="both phases: the SFT loss's weight")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="prompts, samples and each phase's data order")
+    parser.add_argument("--device", default="cpu",
+                        help="of the phases' training (one process); sampling and measuring run on the CPU")
     return parser.parse_args(argv)
 
 
