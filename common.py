@@ -40,7 +40,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import load_tokenizer, pack, read_sft_data, record_indices, render
+from data import load_tokenizer, pack, record_indices, render
+from records import read_sft_data
 from model import Config, Transformer
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
@@ -517,9 +518,9 @@ def reference_logps(model, enc, sequences: list, init: str, average: bool, cache
 
 
 def sft_sequences(enc, data: Path, name: str, seq_len: int, keep=None) -> list:
-    """The (ids, loss mask) conversations of an SFT set (a JSONL in DATA, or "all": data.read_sft_data) that
-    fit seq_len, and if given, for which keep(record) is true: the data of the SFT regulariser that prefopt.py
-    and copg.py add to their losses."""
+    """The (ids, loss mask) conversations of an SFT set (a JSONL in DATA, or "all": records.read_sft_data)
+    that fit seq_len, and if given, for which keep(record) is true: the data of the SFT regulariser that
+    prefopt.py and copg.py add to their losses."""
     sequences = [render(enc, record["messages"]) for record in read_sft_data(data, name)
                  if keep is None or keep(record)]
     return drop_too_long(sequences, [len(ids) for ids, _ in sequences], seq_len, str(Path(data) / name))

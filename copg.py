@@ -33,8 +33,9 @@ from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argume
                     drop_too_long, generation_model, l2_to_init, load_checkpoint, lr_factor, make_optimizer,
                     open_stage, optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model,
                     set_lr, sft_sequences, sft_step_loss, teardown)
-from data import (chat_stop_tokens, parse_reply, prompt_completion_sequence, read_jsonl, record_indices,
+from data import (chat_stop_tokens, parse_reply, prompt_completion_sequence, record_indices,
                   render_completion, render_prompt)
+from records import read_jsonl
 from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reply_text,
                       reward_model_scores)
 from model import generate

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from common import Runtime, all_reduce_sum, autocast, load_model, model_path, to_device, write_json
 from data import (BOS, END_OF_TURN, IGNORE, chat_stop_tokens, load_tokenizer, open_shard, pack, pair_batch,
-                  parse_reply, prompt_completion_sequence, read_jsonl, render_completion, render_prompt,
-                  shard_batch)
+                  parse_reply, prompt_completion_sequence, render_completion, render_prompt, shard_batch)
+from records import read_jsonl
 from model import generate
 from sandbox import run_python
 from tasks import CAPABILITIES

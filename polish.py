@@ -39,7 +39,8 @@ import torch
 import copg
 import prefopt
 from common import argument_parser, load_model, write_json
-from data import check_completion, chat_stop_tokens, load_tokenizer, parse_reply, read_jsonl, render_prompt
+from data import chat_stop_tokens, load_tokenizer, parse_reply, render_prompt
+from records import check_completion, read_jsonl
 from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, gold_win_rate, load_reward_model,
                       reward_model_scores, win_rate)
 from model import generate
@@ -78,7 +79,7 @@ def polishing_pairs(records: list[dict], candidates: list[list[dict]], rm_scores
     scores and verifier rewards. The reward model's best against its worst, unless the prompt's mean reward
     is in the lowest `low_share` of prompts or the verifier rewards the worst higher; and, for VERIFIABLE
     tasks, the first passing sample against the first failing one, unless the reward model scores it
-    lower. Pair records as data.read_jsonl's "pair" kind, with "source": "reward model" or "verifier"."""
+    lower. Pair records as records.read_jsonl's "pair" kind, with "source": "reward model" or "verifier"."""
     means = [float(np.mean(scores)) for scores in rm_scores if scores]
     cutoff = float(np.quantile(means, low_share)) if means else 0.0
     pairs = []

@@ -30,7 +30,8 @@ from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argume
                     drop_too_long, generation_model, load_checkpoint, lr_factor, make_optimizer, open_stage,
                     optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model, set_lr,
                     sft_sequences, sft_step_loss, teardown)
-from data import prompt_completion_sequence, read_jsonl, record_indices, render_completion
+from data import prompt_completion_sequence, record_indices, render_completion
+from records import read_jsonl
 from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, evaluate_refinement, revision_prompt
 from tasks import CAPABILITIES
 from verifiers import REFUSAL, completion_text

@@ -30,7 +30,8 @@ from pathlib import Path
 from common import (Logger, add_run_flags, all_reduce_sum, argument_parser, autocast, build_model,
                     load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step, print_settings,
                     save_checkpoint, save_model, set_lr, setup, teardown, to_device, write_config)
-from data import IGNORE, load_tokenizer, open_shard, read_jsonl, shard_batch
+from data import IGNORE, load_tokenizer, open_shard, shard_batch
+from records import read_jsonl
 from evaluate import copy_accuracy, validation_loss
 from model import PRESETS, Config
 

@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor
 from common import (Logger, add_run_flags, argument_parser, atomic_save, autocast, build_model,
                     load_checkpoint, lr_factor, make_optimizer, open_stage, optimizer_step, save_checkpoint,
                     save_model, set_lr, teardown, to_device)
-from data import pair_batch, read_jsonl, record_indices
+from data import pair_batch, record_indices
+from records import read_jsonl
 from evaluate import RewardModel, pairwise_accuracy, reward_loss
 
 

@@ -39,7 +39,8 @@ from common import (SFT_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argumen
                     make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
                     teardown, to_device)
 from data import (END_OF_TURN, IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence,
-                  read_jsonl, record_indices, render, render_prompt, shard_batch)
+                  record_indices, render, render_prompt, shard_batch)
+from records import read_jsonl
 from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores
 from model import generate
 from tasks import CAPABILITIES

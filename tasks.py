@@ -23,7 +23,7 @@ probes); nothing asks for arithmetic in the model's head or for a held-out fact 
 
     python tasks.py --out data/tiny --seed 0     # [--scale 4]: a bigger world and sets; [--base-context 256]
 
-The same seed and scale give byte-identical files under --out (record kinds: data.read_jsonl):
+The same seed and scale give byte-identical files under --out (record kinds: records.read_jsonl):
 
     world.json          entities, facts (train / eval), language templates, safety policy, tools, code tasks
     corpus.jsonl        {"text"}: encyclopedia pages and FAQs in 3 languages, parallel text, arithmetic,

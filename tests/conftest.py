@@ -8,7 +8,8 @@ import torch
 
 import common
 import tasks
-from data import load_tokenizer, read_jsonl, save_tokenizer, train_bpe, write_shard
+from data import load_tokenizer, save_tokenizer, train_bpe, write_shard
+from records import read_jsonl
 from model import Config, Transformer
 
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, window=32)  # a dim-64 model: fast

@@ -12,7 +12,8 @@ import common
 import copg
 from conftest import SMALL
 from copg import copg_loss
-from data import load_tokenizer, read_jsonl, render_completion
+from data import load_tokenizer, render_completion
+from records import read_jsonl
 from prefopt import preference_loss
 
 

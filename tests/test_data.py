@@ -13,6 +13,7 @@ import tiktoken
 import torch
 
 import data
+import records
 from data import (BOS, CHATBOT, END_ACTION, END_OF_TURN, END_RESPONSE, END_THINKING, END_TOOL_RESULT, EOS,
                   IGNORE, SPECIAL_TOKENS, START_ACTION, START_OF_TURN, START_RESPONSE, START_THINKING,
                   START_TOOL_RESULT, SYSTEM, USER)
@@ -228,7 +229,7 @@ def test_valid_records_of_every_kind_are_read_back(tmp_path):
     for kind, record in GOOD.items():
         path = tmp_path / f"{kind}.jsonl"
         path.write_text(json.dumps(record) + "\n\n" + json.dumps(record) + "\n")
-        assert data.read_jsonl(path, kind) == [record, record]
+        assert records.read_jsonl(path, kind) == [record, record]
 
 
 BAD = [
@@ -271,7 +272,7 @@ def test_malformed_line_is_rejected_naming_file_and_line(tmp_path, kind, line, m
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(GOOD[kind]) + "\n\n" + line + "\n")
     with pytest.raises(ValueError) as error:
-        data.read_jsonl(path, kind)
+        records.read_jsonl(path, kind)
     assert str(error.value).startswith(f"{path}:3: ")
     assert message in str(error.value)
 
@@ -425,14 +426,14 @@ def test_cli_trains_the_tokenizer_and_writes_shards(tmp_path):
     assert "val.bin" in run("shards")
     enc = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert enc.n_vocab == 500
-    texts = [r["text"] for r in data.read_jsonl(tmp_path / "val.jsonl", "text")]
+    texts = [r["text"] for r in records.read_jsonl(tmp_path / "val.jsonl", "text")]
     assert data.open_shard(tmp_path / "val.bin", enc).tolist() == expected_shard(enc, texts)
 
 
 def test_read_sft_data_all_mixes_every_capability(world):
-    one = data.read_sft_data(world, "sft/code.jsonl")
-    assert one == data.read_jsonl(world / "sft" / "code.jsonl", "sft")
-    mixed = data.read_sft_data(world, "all")
+    one = records.read_sft_data(world, "sft/code.jsonl")
+    assert one == records.read_jsonl(world / "sft" / "code.jsonl", "sft")
+    mixed = records.read_sft_data(world, "all")
     files = sorted((world / "sft").glob("*.jsonl"))
-    assert len(files) >= 7 and len(mixed) == sum(len(data.read_jsonl(f, "sft")) for f in files)
+    assert len(files) >= 7 and len(mixed) == sum(len(records.read_jsonl(f, "sft")) for f in files)
     assert {r["capability"] for r in mixed} >= {"instruct", "code", "safety", "rag"}

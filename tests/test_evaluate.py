@@ -11,7 +11,8 @@ import torch
 import evaluate
 import tasks
 from evaluate import token_bytes
-from data import BOS, load_tokenizer, open_shard, read_jsonl, save_tokenizer, train_bpe, write_shard
+from data import BOS, load_tokenizer, open_shard, save_tokenizer, train_bpe, write_shard
+from records import read_jsonl
 from model import Config, Transformer
 
 

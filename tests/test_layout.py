@@ -1,6 +1,7 @@
-"""The repository stands alone and its modules are layered: model, data, sandbox, world -> verifiers ->
-tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's and copg's phases). A module
-imports only from layers below its own, so there are no cycles and any import order works."""
+"""The repository stands alone and its modules are layered: model, records, sandbox, world -> data ->
+verifiers -> tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's and copg's
+phases). A module imports only from layers below its own, so there are no cycles and any import order
+works."""
 
 import ast
 import subprocess
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = [{"model", "data", "sandbox", "world"}, {"verifiers"}, {"tasks"}, {"common"}, {"evaluate"},
-          {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}, {"polish"}]
+LAYERS = [{"model", "records", "sandbox", "world"}, {"data"}, {"verifiers"}, {"tasks"}, {"common"},
+          {"evaluate"}, {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}, {"polish"}]
 LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 
 

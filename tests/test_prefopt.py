@@ -13,7 +13,8 @@ import common
 import evaluate
 import prefopt
 from conftest import save_parent
-from data import END_OF_TURN, chat_stop_tokens, read_jsonl, render_completion, render_prompt
+from data import END_OF_TURN, chat_stop_tokens, render_completion, render_prompt
+from records import read_jsonl
 from model import generate
 from prefopt import preference_loss
 

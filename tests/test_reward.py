@@ -12,7 +12,8 @@ import common
 import evaluate
 import reward
 import sft
-from data import pair_batch, prompt_completion_sequence, read_jsonl, render_completion, render_prompt
+from data import pair_batch, prompt_completion_sequence, render_completion, render_prompt
+from records import read_jsonl
 
 
 def test_soft_label_loss_on_hand_worked_numbers():

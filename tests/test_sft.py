@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 import common
 import sft
-from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, read_jsonl, record_indices, render, save_tokenizer,
-                  sft_batch, train_bpe)
+from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, record_indices, render, save_tokenizer, sft_batch,
+                  train_bpe)
+from records import read_jsonl
 from model import Config, Transformer
 
 
