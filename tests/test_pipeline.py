@@ -9,13 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_tiny_stages():
-    """(script, --init, --out, command) of each `stage python ...` line of run_tiny.sh, in order, read as text
-    (a loop's body once, as written); folders without their "$RUNS/"."""
+    """(script, --init, --out, command) of each `stage python ...` or `lane python ...` line of run_tiny.sh,
+    in order, read as text (a loop's body once, as written); folders without their "$RUNS/"."""
     with open(os.path.join(ROOT, "run_tiny.sh")) as f:
         lines = f.read().replace("\\\n", " ").splitlines()
     stages = []
     for words in (line.split() for line in lines):
-        if words[:2] == ["stage", "python"]:
+        if words[:2] in (["stage", "python"], ["lane", "python"]):
             folder = {flag: words[words.index(flag) + 1].strip('"').removeprefix("$RUNS/")
                       for flag in ("--init", "--out") if flag in words}
             stages.append((words[2], folder.get("--init"), folder.get("--out"), " ".join(words)))
@@ -35,10 +35,10 @@ def test_run_tiny_runs_the_stages_in_the_order_of_sections_3_1_and_3_5():
         ("merge.py", None, "sft-$cap"),
         ("merge.py", None, "sft-merge"), ("sft.py", "sft-merge", "sft-soup"),
         # RL experts on the SFT soup, then the RL soup
-        ("prefopt.py", "sft-soup", "rl-safety"), ("prefopt.py", "sft-soup", "rl-multilingual"),
-        ("copg.py", "sft-soup", "rl-code-copg"), ("merge.py", None, "rl-code"),
-        ("copg.py", "sft-soup", "rl-$cap"),
-        ("prefopt.py", "sft-soup", "rl-instruct"), ("sft.py", "sft-soup", "rl-longctx"),
+        ("copg.py", "sft-soup", "rl-math"), ("sft.py", "sft-soup", "rl-longctx"),
+        ("prefopt.py", "sft-soup", "rl-instruct"), ("copg.py", "sft-soup", "rl-rag"),
+        ("copg.py", "sft-soup", "rl-code-copg"), ("prefopt.py", "sft-soup", "rl-safety"),
+        ("prefopt.py", "sft-soup", "rl-multilingual"), ("merge.py", None, "rl-code"),
         ("merge.py", None, "rl-merge"), ("sft.py", "rl-merge", "rl-soup"),
         # §3.5 polishing: best-of-N SFT, then offline preference tuning <-> online RL (polish.py)
         ("sft.py", "rl-soup", "polish-bon"), ("polish.py", "polish-bon", "polished"),
