@@ -24,7 +24,6 @@ Reads --init, DATA/tokenizer.json, DATA/copg/CAP.jsonl (offline: code, RAG) or D
 import random
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,14 +32,13 @@ from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argume
                     drop_too_long, generation_model, l2_to_init, load_checkpoint, lr_factor, make_optimizer,
                     open_stage, optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model,
                     set_lr, sft_sequences, sft_step_loss, teardown)
-from data import (chat_stop_tokens, parse_reply, prompt_completion_sequence, record_indices,
+from data import (chat_stop_tokens, prompt_completion_sequence, record_indices,
                   render_completion, render_prompt)
 from records import read_jsonl
-from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reply_text,
-                      reward_model_scores)
+from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores,
+                      verifier_rewards)
 from model import generate
 from tasks import CAPABILITIES
-from verifiers import verifier_reward
 
 # Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE)
 RECIPES = {
@@ -80,15 +78,6 @@ def sample_groups(model, enc, records: list[dict], k: int, max_new_tokens: int, 
     completions = generate(model, [ids for ids in prompts for _ in range(k)], max_new_tokens, temperature,
                            top_p, chat_stop_tokens(enc), generator)
     return prompts, completions
-
-
-def verifier_rewards(enc, records: list[dict], completions: list[list[int]], k: int) -> torch.Tensor:
-    """verifiers.verifier_reward of each completion [n_records, k], graded on its parsed reply as evaluation
-    grades it; the sandboxed code runs in parallel threads (sandbox.run_python is thread-safe)."""
-    jobs = [(records[i // k], reply_text(parse_reply(enc, ids))) for i, ids in enumerate(completions)]
-    with ThreadPoolExecutor() as pool:
-        rewards = list(pool.map(lambda job: verifier_reward(*job), jobs))
-    return torch.tensor(rewards, dtype=torch.float32).view(-1, k)
 
 
 def reward_model_rewards(reward_model, enc, records: list[dict], completions: list[list[int]],
@@ -227,8 +216,11 @@ def main(argv=None):
             metrics |= {"samples_per_s": len(completions) / seconds,
                         "gen_tokens_per_s": sum(map(len, completions)) / seconds,
                         "completion_tokens": sum(map(len, completions)) / len(completions)}
-            rewards = (verifier_rewards(enc, batch_records, completions, args.k) if reward_model is None else
-                       reward_model_rewards(reward_model, enc, batch_records, completions, args.k))
+            if reward_model is None:   # completion i answers record i // k
+                answered = [record for record in batch_records for _ in range(args.k)]
+                rewards = torch.tensor(verifier_rewards(enc, answered, completions)).view(-1, args.k)
+            else:
+                rewards = reward_model_rewards(reward_model, enc, batch_records, completions, args.k)
             sequences = [prompt_completion_sequence(prompts[i // args.k], ids)
                          for i, ids in enumerate(completions)]
             with torch.no_grad():

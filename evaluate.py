@@ -41,7 +41,7 @@ from records import read_jsonl
 from model import generate
 from sandbox import run_python
 from tasks import CAPABILITIES
-from verifiers import CODE_BLOCK, gold_reward, grade, parse_tool_calls, run_tool
+from verifiers import CODE_BLOCK, gold_reward, grade, parse_tool_calls, run_tool, verifier_reward
 
 # The metric each capability is judged on (a key of verifiers.grade's result) and how long its replies may get
 HEADLINE = {"instruct": "if_score", "rag": "reward", "multilingual": "exact", "code": "pass@1",
@@ -59,6 +59,15 @@ def reply_text(reply: dict) -> str:
     """What the verifiers read of a parsed reply: its tool calls (action) then its response, as
     tasks.completion_text writes a chatbot message; the thinking is not graded."""
     return " ".join(part for part in (reply["action"], reply["response"]) if part)
+
+
+def verifier_rewards(enc, records: list[dict], completions: list[list[int]]) -> list[float]:
+    """verifiers.verifier_reward of completion i (token ids) to records[i], graded on its parsed reply as
+    evaluation grades it; the sandboxed code runs in parallel threads (sandbox.run_python is thread-safe)."""
+    jobs = [(record, reply_text(parse_reply(enc, ids))) for record, ids in zip(records, completions,
+                                                                                strict=True)]
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(lambda job: verifier_reward(*job), jobs))
 
 
 @torch.no_grad()

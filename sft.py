@@ -41,7 +41,8 @@ from common import (SFT_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argumen
 from data import (END_OF_TURN, IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence,
                   record_indices, render, render_prompt, shard_batch)
 from records import read_jsonl
-from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores
+from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores,
+                      verifier_rewards)
 from model import generate
 from tasks import CAPABILITIES
 
@@ -121,6 +122,10 @@ def parse_args(argv=None):
     bon.add_argument("--best-of-n-prompts", type=int, default=512,
                      help="sample for this many of the data's prompts (seeded choice)")
     bon.add_argument("--reward-model", help="reward.py --out folder that ranks the samples")
+    bon.add_argument("--verified", action="store_true",
+                     help="rank the samples by the capability's verifier instead, on the prompts of "
+                          "DATA/rl/CAP.jsonl, and keep only those that pass every check: high-quality data "
+                          "from the best expert (§3.3.4.2 stage 2)")
     bon.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     bon.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
     add_run_flags(parser, log_every=10, save_every=100, seed_help="data order and sampling")
@@ -142,8 +147,10 @@ def parse_args(argv=None):
         args.cross_domain = recipe.get("cross_domain", 0.0 if args.capability == "all" else 1.0)
     if args.cross_domain_from is None and not args.best_of_n:
         args.cross_domain_from = recipe.get("cross_domain_from")
-    if (args.best_of_n is None) != (args.reward_model is None):
-        parser.error("--best-of-n and --reward-model go together")
+    if (args.best_of_n is None) != (args.reward_model is None and not args.verified):
+        parser.error("--best-of-n goes with one of --reward-model and --verified")
+    if args.reward_model and args.verified:
+        parser.error("--reward-model and --verified both rank the samples: give one")
     if args.pretrain_mix is None:
         args.pretrain_mix = 0.0 if args.best_of_n else PRETRAIN_MIX
     if not 0 <= args.pretrain_mix < 1:
@@ -186,26 +193,27 @@ def prompt_of(record: dict) -> list[dict]:
 
 
 def best_of_n(model, enc, prompts: list[list[dict]], n: int, score_fn, max_new_tokens: int,
-              temperature: float, top_p: float, generator: torch.Generator,
-              batch_size: int = 16) -> tuple[list, list[float]]:
-    """Best-of-N (§3.5): n samples per prompt, ranked by score_fn(messages, completions) -> list of floats (a
-    completion is the token ids sampled after data.render_prompt). Returns the (ids, loss mask) training
-    sequences of each prompt's highest-scored sample, and those scores. Only samples that end their turn are
-    candidates (SFT on one cut at the length limit teaches the model not to stop); a prompt without one is
-    left out."""
+              temperature: float, top_p: float, generator: torch.Generator, batch_size: int = 16,
+              min_score: float | None = None) -> tuple[list, list[float]]:
+    """Best-of-N (§3.5): n samples per prompt, ranked by score_fn(i, completions) -> list of floats, for
+    prompts[i] (a completion is the token ids sampled after data.render_prompt). Returns the (ids, loss mask)
+    training sequences of each prompt's highest-scored sample, and those scores. Only samples that end their
+    turn are candidates (SFT on one cut at the length limit teaches the model not to stop); a prompt without
+    one, or whose best scores below `min_score`, is left out."""
     sequences, best_scores, end_of_turn = [], [], enc.encode_single_token(END_OF_TURN)
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        prompt_ids = [render_prompt(enc, messages) for messages in chunk]
+        prompt_ids = [render_prompt(enc, messages) for messages in prompts[start:start + batch_size]]
         samples = generate(model, [ids for ids in prompt_ids for _ in range(n)], max_new_tokens, temperature,
                            top_p, chat_stop_tokens(enc), generator)
-        for i, messages in enumerate(chunk):
-            candidates = [ids for ids in samples[i * n:(i + 1) * n] if ids and ids[-1] == end_of_turn]
+        for i, ids in enumerate(prompt_ids):
+            candidates = [c for c in samples[i * n:(i + 1) * n] if c and c[-1] == end_of_turn]
             if not candidates:
                 continue
-            scores = score_fn(messages, candidates)
+            scores = score_fn(start + i, candidates)
             best = max(range(len(candidates)), key=lambda j: scores[j])
-            sequences.append(prompt_completion_sequence(prompt_ids[i], candidates[best]))
+            if min_score is not None and scores[best] < min_score:
+                continue
+            sequences.append(prompt_completion_sequence(ids, candidates[best]))
             best_scores.append(float(scores[best]))
     return sequences, best_scores
 
@@ -220,24 +228,34 @@ def main(argv=None):
     model = build_model(config, runtime, args.init, args.seed)
     init_params = [p.detach().clone() for p in model.parameters()] if args.l2_init else []
 
-    # data: conversations (or, for best-of-N, the reward model's pick of N samples), tokenized once
-    records = training_conversations(data, args.capability, args.cross_domain, args.seed,
-                                     args.cross_domain_from)
+    # data: conversations, or for best-of-N each prompt's best sample: by the reward model, or (--verified)
+    # one that passes the checks of an RL prompt; tokenized once
+    if args.verified:
+        records = read_jsonl(data / "rl" / f"{args.capability}.jsonl", "prompt")
+    else:
+        records = training_conversations(data, args.capability, args.cross_domain, args.seed,
+                                         args.cross_domain_from)
     if args.best_of_n:
-        reward_model = load_reward_model(args.reward_model, runtime.device)
+        chosen = random.Random(args.seed).sample(records, min(len(records), args.best_of_n_prompts))
+        if args.verified:
+            prompts, max_new_tokens = [r["messages"] for r in chosen], EVAL_MAX_NEW_TOKENS[args.capability]
+            score_fn = lambda i, completions: verifier_rewards(  # noqa: E731
+                enc, [chosen[i]] * len(completions), completions)
+        else:   # prompts from every capability (--cross-domain)
+            prompts, max_new_tokens = [prompt_of(r) for r in chosen], max(EVAL_MAX_NEW_TOKENS.values())
+            reward_model = load_reward_model(args.reward_model, runtime.device)
+            score_fn = lambda i, completions: reward_model_scores(  # noqa: E731
+                reward_model, enc, prompts[i], completions)
         generator = torch.Generator(runtime.device).manual_seed(args.seed)  # every rank samples the same set
-        sequences, best_scores = best_of_n(
-            generation_model(model, args.init, runtime), enc,
-            [prompt_of(r)
-             for r in random.Random(args.seed).sample(records, min(len(records), args.best_of_n_prompts))],
-            args.best_of_n,
-            lambda messages, completions: reward_model_scores(reward_model, enc, messages, completions),
-            max(EVAL_MAX_NEW_TOKENS.values()), args.temperature, args.top_p, generator)
-        print(f"best-of-{args.best_of_n}: {len(sequences)} prompts with a sample that ends its turn, "
-              f"mean best reward {np.mean(best_scores) if best_scores else float('nan'):.3f}")
+        sequences, best_scores = best_of_n(generation_model(model, args.init, runtime), enc, prompts,
+                                           args.best_of_n, score_fn, max_new_tokens, args.temperature,
+                                           args.top_p, generator, min_score=1.0 if args.verified else None)
+        print(f"best-of-{args.best_of_n}: {len(sequences)} of {len(prompts)} prompts with a sample that ends "
+              f"its turn{' and passes' if args.verified else ''}, mean best reward "
+              f"{np.mean(best_scores) if best_scores else float('nan'):.3f}")
         if not sequences:   # nothing to imitate: the model goes on unchanged
             args.steps = 0
-        del reward_model
+        reward_model = score_fn = None   # the reward model's memory is the training's
     else:
         sequences = [render(enc, record["messages"]) for record in records]
     if sequences or not args.best_of_n:

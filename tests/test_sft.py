@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import common
 import sft
-from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, record_indices, render, save_tokenizer, sft_batch,
-                  train_bpe)
+from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, record_indices, render, render_completion,
+                  render_prompt, save_tokenizer, sft_batch, train_bpe)
 from records import read_jsonl
 from model import Config, Transformer
 
@@ -84,7 +84,8 @@ def test_best_of_n_trains_on_the_highest_scored_sample_that_ends_its_turn(world,
     monkeypatch.setattr(sft, "generate", fake_generate)
     seen = []
 
-    def score_fn(messages, completions):
+    def score_fn(i, completions):
+        assert i == len(seen)  # the prompt's index
         scores = torch.rand(len(completions), generator=torch.Generator().manual_seed(len(seen))).tolist()
         seen.append((completions, scores))
         return scores
@@ -97,6 +98,37 @@ def test_best_of_n_trains_on_the_highest_scored_sample_that_ends_its_turn(world,
         winner = max(range(2), key=lambda j: scores[j])
         assert best == scores[winner] == max(scores)
         assert ids[len(ids) - sum(mask):] == completions[winner]  # the loss is on the winner's tokens only
+
+
+def test_verified_best_of_n_trains_only_on_samples_that_pass_the_verifier(world, enc, parent, tmp_path,
+                                                                         monkeypatch, capsys):
+    """§3.3.4.2 stage 2: prompts from DATA/rl/CAP.jsonl, samples ranked by the verifier, and a prompt whose
+    best sample fails is left out. Scripted samples: every other prompt gets a right answer among its two."""
+    records = {tuple(render_prompt(enc, r["messages"])): r
+               for r in read_jsonl(world / "rl" / "math.jsonl", "prompt")}
+    answered = []
+
+    def fake_generate(model, rows, *args):   # rows: each prompt twice
+        completions = []
+        for i in range(0, len(rows), 2):
+            record = records[tuple(rows[i])]
+            right = len(answered) % 2 == 0
+            answered.append(right)
+            answers = [record["check"]["answer"] + 1, record["check"]["answer"] + (0 if right else 2)]
+            completions += [render_completion(enc, record["messages"], f"Answer: {a}")[1] for a in answers]
+        return completions
+
+    monkeypatch.setattr(sft, "generate", fake_generate)
+    out = tmp_path / "stage2"
+    sft.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--capability", "math",
+              "--best-of-n", "2", "--verified", "--best-of-n-prompts", "6", "--steps", "1",
+              "--batch-size", "2", "--seq-len", "512", "--no-eval"])
+    assert answered == [True, False] * 3
+    assert "best-of-2: 3 of 6 prompts with a sample that ends its turn and passes, mean best reward 1.000" \
+        in capsys.readouterr().out
+    assert (out / "model.pt").is_file()
+    with pytest.raises(SystemExit):   # one ranking at a time
+        sft.parse_args(["--best-of-n", "2", "--verified", "--reward-model", "rm"])
 
 
 def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spaced():
