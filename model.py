@@ -593,12 +593,13 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-             return_cache=False):
+             return_cache=False, on_token=None):
     """Sample a continuation for every prompt (token lists of any lengths), batched with a KV cache.
 
     Prompts are left-padded; padding is a separate "document" for the masks and positions start at each
     prompt's first real token, so every row gets exactly the logits it would get alone. A row stops after
-    emitting a stop token, which is kept in its output. Returns a list of token lists (and the cache, for
+    emitting a stop token, which is kept in its output. `on_token`, if given, is called with each step's
+    tokens [B] as they are sampled (a chat prints them). Returns a list of token lists (and the cache, for
     inspection, if return_cache)."""
     device = model.embed.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -623,6 +624,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         token = sample(model.logits(hidden)[:, -1], temperature, top_p, generator)
         out[:, step] = token
         n_generated += 1
+        if on_token is not None:
+            on_token(token)
         done |= torch.isin(token, stop)
         if done.all() or step == max_new_tokens - 1:
             break

@@ -276,6 +276,13 @@ def test_generation_stops_at_a_stop_token_and_keeps_it():
     assert stopped == free[: free.index(stop) + 1]
 
 
+def test_on_token_sees_each_step_as_it_is_sampled():
+    model = make_model(init_std=0.3)
+    steps = []
+    outputs = generate(model, [[3, 4, 5], [6]], 9, temperature=0, on_token=lambda t: steps.append(t.tolist()))
+    assert [list(row) for row in zip(*steps)] == outputs
+
+
 def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
     draws = sample(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
