@@ -110,9 +110,17 @@ for cap in code multilingual; do
     done
 done
 join
-for cap in code multilingual; do
-    stage python merge.py --out "$RUNS/sft-$cap" --models "$RUNS/sft-$cap-seed0" "$RUNS/sft-$cap-seed1"
+stage python merge.py --out "$RUNS/sft-multilingual" --models "$RUNS"/sft-multilingual-seed{0,1}
+stage python merge.py --out "$RUNS/sft-code-stage1" --models "$RUNS"/sft-code-seed{0,1}
+# code stage 2 (§3.3.4.2): SFT on high-quality data, the stage-1 merge's samples that pass their tests, over
+# two seeds, merged again
+for seed in 0 1; do
+    lane python sft.py --capability code --data "$DATA" --init "$RUNS/sft-code-stage1" \
+        --out "$RUNS/sft-code-stage2-seed$seed" --seed "$seed" --best-of-n 4 --verified "${BEST_OF_N[@]}" \
+        "${STEPS[@]}"
 done
+join
+stage python merge.py --out "$RUNS/sft-code" --models "$RUNS"/sft-code-stage2-seed{0,1}
 SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
 stage python merge.py --search --data "$DATA" --out "$RUNS/sft-merge" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}" \
     "${SEARCH[@]}"

@@ -32,7 +32,9 @@ def test_run_tiny_runs_the_stages_in_the_order_of_sections_3_1_and_3_5():
         ("prefopt.py", "instruct-sft", "instruct"),
         # SFT experts on the instruct model (code and multilingual over two seeds, merged), then the SFT soup
         ("sft.py", "instruct", "sft-$cap"), ("sft.py", "instruct", "sft-$cap-seed$seed"),
-        ("merge.py", None, "sft-$cap"),
+        ("merge.py", None, "sft-multilingual"), ("merge.py", None, "sft-code-stage1"),
+        # code stage 2 (§3.3.4.2): verified samples of the stage-1 merge, two seeds, merged again
+        ("sft.py", "sft-code-stage1", "sft-code-stage2-seed$seed"), ("merge.py", None, "sft-code"),
         ("merge.py", None, "sft-merge"), ("sft.py", "sft-merge", "sft-soup"),
         # RL experts on the SFT soup, then the RL soup
         ("copg.py", "sft-soup", "rl-math"), ("sft.py", "sft-soup", "rl-longctx"),
@@ -48,6 +50,7 @@ def test_run_tiny_runs_the_stages_in_the_order_of_sections_3_1_and_3_5():
     assert all("--search" in command[merge] for merge in ("sft-merge", "rl-merge"))  # the weight search
     assert all("--capability all" in command[soup] for soup in ("sft-soup", "rl-soup"))  # low-LR SFT, §4.9.2
     assert "--best-of-n" in command["polish-bon"]
+    assert "--verified" in command["sft-code-stage2-seed$seed"]
 
 
 def test_the_whole_pipeline_runs_and_writes_the_report(tmp_path):

@@ -151,6 +151,11 @@ def test_default_cross_domain_share_and_best_of_n_epochs():
     best_of_n = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--best-of-n-prompts", "100"])
     assert best_of_n.steps == 7 and best_of_n.temperature == 0.7  # ceil(2 epochs x 100 prompts / batch 32)
     assert sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--steps", "3"]).steps == 3
+    after_merge = sft.parse_args(["--capability", "all"])   # polishing trains a merge: its LR
+    assert (best_of_n.lr, best_of_n.min_lr) == (after_merge.lr, after_merge.min_lr)
+    code = sft.parse_args(["--capability", "code"])   # code's stage 2 fine-tunes at stage 1's
+    verified = sft.parse_args(["--capability", "code", "--best-of-n", "4", "--verified"])
+    assert (verified.lr, verified.min_lr) == (code.lr, code.min_lr)
 
 
 def test_expert_recipes_before_lr_scaling_are_appendix_b():
