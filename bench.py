@@ -6,13 +6,16 @@ Benchmarks (figures in RESULTS.md):
                                                  KV-cache bytes
     python bench.py merge [--models 7 --preset small]   peak memory of merge.py's streaming merge of N
                                                         checkpoints
+    python bench.py import [--preset small --shards 5]  peak memory of `model.py --from-hf` on a random
+                                                        sharded bf16 Cohere2 checkpoint
 
-Both print ratios measured side by side in one run: ours and the baseline alternate (ours, theirs, ours, ...),
-so that both see the same machine load.
+Each prints ratios against a baseline measured in the same run (`model` alternates ours, theirs, ours, ...,
+so that both see the same machine load).
 """
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from model import PRESETS, Transformer, build_pair, generate
+from data import SPECIAL_TOKENS
+from model import PRESETS, Transformer, build_pair, generate, to_cohere2_config
 
 
 def bench_model(args):
@@ -116,6 +120,44 @@ def bench_merge(n_models: int, preset: str):
           f"(the output model plus one input tensor at a time)")
 
 
+def bench_import(preset: str, n_shards: int):
+    """Peak memory of importing a random Cohere2 checkpoint of a preset, saved as on the Hub (bf16 safetensors
+    in n_shards shards, and a tokenizer.json), with `python model.py --from-hf`, against the size of the fp32
+    model.pt it writes."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    transformers.logging.set_verbosity_error()
+    config = PRESETS[preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        torch.manual_seed(0)
+        hf = transformers.Cohere2ForCausalLM(transformers.Cohere2Config(**to_cohere2_config(config)))
+        shard_mb = config.num_params() * 2 / n_shards / 1e6
+        hf.to(torch.bfloat16).save_pretrained(hf_dir, max_shard_size=f"{math.ceil(shard_mb)}MB")
+        del hf
+        tokenizer = Tokenizer(models.BPE())  # the folder needs one: a byte-level BPE with the chat tokens
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator([__doc__], trainer)
+        tokenizer.save(str(hf_dir / "tokenizer.json"))
+        shards = sorted(hf_dir.glob("*.safetensors"))
+        checkpoint_mib = sum(shard.stat().st_size for shard in shards) / 2**20
+        # the baseline child imports what the import does and builds a model on the meta device, as it does to
+        # check the shapes (torch loads some 70 MiB at the first use of the meta device), and stops
+        baseline = child_peak_rss_mib("import torch, model, safetensors, bench\nwith torch.device('meta'): "
+                                      "model.Transformer(model.Config())\nprint(bench.peak_rss_mib())")
+        peak = child_peak_rss_mib("import sys, model, bench; model.main(sys.argv[1:]); "
+                                  "print(bench.peak_rss_mib())",
+                                  "--from-hf", str(hf_dir), "--out", str(Path(tmp) / "out"))
+        model_mib = (Path(tmp) / "out" / "model.pt").stat().st_size / 2**20
+    print(f"importing a `{preset}` Cohere2 checkpoint: {checkpoint_mib:.0f} MiB of bf16 in {len(shards)} "
+          f"shards -> model.pt, {model_mib:.0f} MiB of fp32:")
+    print(f"  peak RSS {peak:.0f} MiB, of which {baseline:.0f} MiB is the interpreter with the imports")
+    print(f"  import memory {peak - baseline:.0f} MiB = {(peak - baseline) / model_mib:.2f}x the fp32 model")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,11 +171,16 @@ def main(argv=None):
     merge = commands.add_parser("merge", help="peak memory of a streaming merge")
     merge.add_argument("--models", type=int, default=7, help="checkpoints to merge")
     merge.add_argument("--preset", default="small", choices=PRESETS, help="their preset")
+    hf_import = commands.add_parser("import", help="peak memory of importing a Cohere2 checkpoint")
+    hf_import.add_argument("--preset", default="small", choices=PRESETS, help="the checkpoint's preset")
+    hf_import.add_argument("--shards", type=int, default=5, help="safetensors shards it is saved in")
     args = parser.parse_args(argv)
     if args.command == "model":
         bench_model(args)
-    else:
+    elif args.command == "merge":
         bench_merge(args.models, args.preset)
+    else:
+        bench_import(args.preset, args.shards)
 
 
 if __name__ == "__main__":

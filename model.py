@@ -19,11 +19,19 @@ Also here: FP8 block matmuls with dynamic tensorwise scaling (§2.4.1), the KV-c
 sliding-window layers keep a rolling buffer of `window` keys, and parameter and FLOP counts that need no
 allocation (the 111B preset builds on the meta device). `python bench.py model` times it against
 transformers' Cohere2ForCausalLM.
+
+    python model.py --from-hf DIR --out OUT    a Hugging Face Cohere2 checkpoint -> OUT/model.pt, config.json,
+                                               tokenizer.json: a stage's --out, for the next one's --init
 """
 
+import argparse
 import functools
+import json
 import math
-from dataclasses import dataclass
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -510,25 +518,37 @@ class Transformer(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+COHERE2_IN_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+COHERE2_OUT_PROJ = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def convert_cohere2_tensors(hf_tensors: dict, out: dict):
+    """Move what is complete in `hf_tensors` (Cohere2ForCausalLM tensors, "model." prefix removed: a whole
+    state dict, or the shards read so far) into `out`, our state dict: the embedding, the final norm, and each
+    block whose eight tensors are all there, its projections fused. What is left is a block that straddles two
+    shards, waiting for its other half (or keys that are no Cohere2's)."""
+    for hf_name, name in (("embed_tokens.weight", "embed.weight"), ("norm.weight", "norm.weight")):
+        if hf_name in hf_tensors:
+            out[name] = hf_tensors.pop(hf_name)
+    if "lm_head.weight" in hf_tensors and "embed.weight" in out:  # tied: no second matrix, if saved at all
+        if not torch.equal(hf_tensors.pop("lm_head.weight"), out["embed.weight"]):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight; this model ties them")
+    for i in sorted({int(key.split(".")[1]) for key in hf_tensors if key.startswith("layers.")}):
+        parts = ("input_layernorm", *COHERE2_IN_PROJ, *COHERE2_OUT_PROJ)
+        names = [f"layers.{i}.{part}.weight" for part in parts]
+        if all(name in hf_tensors for name in names):
+            norm, *projections = (hf_tensors.pop(name) for name in names)
+            out[f"blocks.{i}.norm.weight"] = norm
+            out[f"blocks.{i}.in_proj.weight"] = torch.cat(projections[:5], dim=0)  # [q; k; v; gate; up]
+            out[f"blocks.{i}.out_proj.weight"] = torch.cat(projections[5:], dim=1)  # [o_proj | down_proj]
+
+
 def convert_cohere2_state_dict(hf_state_dict: dict) -> dict:
     """Map a Hugging Face Cohere2ForCausalLM state dict onto ours (fusing the per-block projections)."""
-    sd = {k.removeprefix("model."): v for k, v in hf_state_dict.items() if k != "lm_head.weight"}
-    out = {"embed.weight": sd.pop("embed_tokens.weight"), "norm.weight": sd.pop("norm.weight")}
-    n_layers = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
-    for i in range(n_layers):
-        p = f"layers.{i}."
-        out[f"blocks.{i}.norm.weight"] = sd.pop(p + "input_layernorm.weight")
-        out[f"blocks.{i}.in_proj.weight"] = torch.cat(
-            [sd.pop(p + name + ".weight") for name in ("self_attn.q_proj", "self_attn.k_proj",
-                                                       "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")],
-            dim=0)
-        out[f"blocks.{i}.out_proj.weight"] = torch.cat(
-            [sd.pop(p + "self_attn.o_proj.weight"), sd.pop(p + "mlp.down_proj.weight")], dim=1)
-    if sd:
-        raise ValueError(f"unexpected keys in the Cohere2 state dict: {sorted(sd)[:5]}")
-    if "lm_head.weight" in hf_state_dict and not torch.equal(hf_state_dict["lm_head.weight"],
-                                                             out["embed.weight"]):
-        raise ValueError("lm_head.weight differs from model.embed_tokens.weight; this model ties them")
+    remaining, out = {key.removeprefix("model."): tensor for key, tensor in hf_state_dict.items()}, {}
+    convert_cohere2_tensors(remaining, out)
+    if remaining:
+        raise ValueError(f"unexpected keys in the Cohere2 state dict: {sorted(remaining)[:5]}")
     return out
 
 
@@ -640,8 +660,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face Cohere2: our config in its terms, and a pair of models with the same weights (parity tests,
-# bench.py)
+# Hugging Face Cohere2: our config in its terms, a pair of models with the same weights (parity tests,
+# bench.py), and the import of a checkpoint folder
 
 
 def to_cohere2_config(config: Config) -> dict:
@@ -666,3 +686,66 @@ def build_pair(config: Config, seed: int = 0):
     ours = Transformer(config).eval()
     ours.load_state_dict(convert_cohere2_state_dict(hf.state_dict()))
     return hf, ours
+
+
+def import_cohere2(hf_dir, out):
+    """Write a Hugging Face Cohere2 folder (config.json, model.safetensors or its shards with their index,
+    tokenizer.json) as a stage's output, which --init and common.load_model read: OUT/model.pt (fp32, as every
+    stage's), OUT/config.json and OUT/tokenizer.json (the file itself: data.load_tokenizer converts it, or
+    says why it cannot). Shards are read one at a time and each block is fused as soon as its tensors are in,
+    so the peak memory is about one copy of the model (`python bench.py import` measures it)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError("reading a Hugging Face checkpoint needs the safetensors package: "
+                          "pip install safetensors") from None
+    hf_dir, out = Path(hf_dir), Path(out)
+    index = hf_dir / "model.safetensors.index.json"
+    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+              else ["model.safetensors"])
+    for name in ("config.json", "tokenizer.json", *shards):
+        if not (hf_dir / name).is_file():
+            raise FileNotFoundError(f"{hf_dir / name}: no such file; --from-hf takes a Hugging Face Cohere2 "
+                                    f"folder (config.json, tokenizer.json, model.safetensors or shards)")
+    config = Config.from_cohere2(json.loads((hf_dir / "config.json").read_text()))
+
+    state_dict, pending = {}, {}
+    for shard in shards:
+        with safe_open(hf_dir / shard, framework="pt") as file:
+            for name in file.keys():
+                pending[name.removeprefix("model.")] = file.get_tensor(name).float()
+        convert_cohere2_tensors(pending, state_dict)
+    if pending:
+        raise ValueError(f"{hf_dir}: tensors of no Cohere2 block, or of a block missing some: "
+                         f"{sorted(pending)[:5]}")
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state_dict, assign=True)  # every key and shape against config.json, no copy
+
+    # the files of a stage's --out as common.py writes them (this module sits below it), each under a
+    # temporary name, then renamed; config.json last
+    info = {"stage": "import", "preset": "cohere2", "model": asdict(config),
+            "args": {"from_hf": str(hf_dir), "out": str(out)}, "tokenizer": str(out / "tokenizer.json"),
+            "parent": str(hf_dir)}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, write in (("tokenizer.json", lambda path: shutil.copyfile(hf_dir / "tokenizer.json", path)),
+                        ("model.pt", lambda path: torch.save(state_dict, path)),
+                        ("config.json", lambda path: path.write_text(json.dumps(info, indent=1) + "\n"))):
+        write(out / f"{name}.tmp")
+        os.replace(out / f"{name}.tmp", out / name)
+    print(f"imported {hf_dir}: {config.num_params() / 1e6:.2f}M parameters; wrote {out}/model.pt, "
+          f"config.json, tokenizer.json")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Import a Hugging Face Cohere2 checkpoint (weights and "
+                                                 "tokenizer) as a stage's --out, for another's --init.")
+    parser.add_argument("--from-hf", required=True, metavar="DIR",
+                        help="Hugging Face folder: config.json, *.safetensors (+ index), tokenizer.json")
+    parser.add_argument("--out", required=True, help="folder to write model.pt, config.json, tokenizer.json")
+    args = parser.parse_args(argv)
+    import_cohere2(args.from_hf, args.out)
+
+
+if __name__ == "__main__":
+    main()
