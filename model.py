@@ -30,7 +30,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -688,6 +688,14 @@ def build_pair(config: Config, seed: int = 0):
     return hf, ours
 
 
+def tokenizer_size(path) -> int:
+    """The number of ids of a Hugging Face tokenizer.json: one past the largest id of its vocabulary and its
+    added (special) tokens."""
+    saved = json.loads(Path(path).read_text())
+    ids = [*saved["model"]["vocab"].values(), *(added["id"] for added in saved.get("added_tokens", []))]
+    return 1 + max(ids)
+
+
 def import_cohere2(hf_dir, out):
     """Write a Hugging Face Cohere2 folder (config.json, model.safetensors or its shards with their index,
     tokenizer.json) as a stage's output, which --init and common.load_model read: OUT/model.pt (fp32, as every
@@ -708,6 +716,10 @@ def import_cohere2(hf_dir, out):
             raise FileNotFoundError(f"{hf_dir / name}: no such file; --from-hf takes a Hugging Face Cohere2 "
                                     f"folder (config.json, tokenizer.json, model.safetensors or shards)")
     config = Config.from_cohere2(json.loads((hf_dir / "config.json").read_text()))
+    n_tokens = tokenizer_size(hf_dir / "tokenizer.json")
+    if n_tokens > config.vocab_size:
+        raise ValueError(f"{hf_dir / 'tokenizer.json'} has ids up to {n_tokens - 1}, past the model's "
+                         f"vocab_size {config.vocab_size}: a tokenizer of another model?")
 
     state_dict, pending = {}, {}
     for shard in shards:
@@ -721,6 +733,13 @@ def import_cohere2(hf_dir, out):
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state_dict, assign=True)  # every key and shape against config.json, no copy
+    # A checkpoint may pad its embedding past the tokenizer's last id (Cohere2's config says 256,000 rows,
+    # the report's vocabulary is 255k). No text maps to those rows and no text can be decoded from them, so
+    # they go: the embedding is the tokenizer's size, which every stage checks, and sampling can never pick
+    # a padding id. The logits of real tokens are unchanged.
+    if n_tokens < config.vocab_size:
+        state_dict["embed.weight"] = state_dict["embed.weight"][:n_tokens].clone()
+        config = replace(config, vocab_size=n_tokens)
 
     # the files of a stage's --out as common.py writes them (this module sits below it), each under a
     # temporary name, then renamed; config.json last

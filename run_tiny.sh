@@ -28,6 +28,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     STEPS=(--steps 2 --no-eval)
     REWARD=(--stage1-epochs 0.02 --stage2-epochs 0.03)
     BEST_OF_N=(--best-of-n-prompts 8)
+    CODE_STAGE2=(--best-of-n-prompts 8)
     POLISH=(--rounds 2 --prompts 14 --samples 2 --srpo-steps 2 --copg-steps 2)
     SEARCH=(--budget 2 --limit 2)
     EVAL=(--limit 2)
@@ -37,6 +38,7 @@ else
     STEPS=(--no-eval)   # each stage's own evaluation: the table at the end holds them all
     REWARD=()
     BEST_OF_N=(--best-of-n-prompts 256)
+    CODE_STAGE2=(--best-of-n-prompts 128)
     POLISH=()
     SEARCH=(--budget 16)
     EVAL=()
@@ -52,8 +54,8 @@ stage() {
 # Stages that do not depend on each other run as lanes: `lane python ...` starts one in the background (at most
 # LANES at once, the cores shared out among them; its output goes to RUNS/logs/) and `join` waits for them all.
 # The tiny model's matmuls are too small to keep two threads busy, so on 2 cores two one-thread runs side by side
-# finish sooner than the same two runs one after the other on two threads (1.4x for training, 1.5x for
-# generation: RESULTS.md). A failing lane stops the run, and the other lanes with it.
+# finish sooner than the same two runs one after the other on two threads (1.25x for two SFT stages:
+# RESULTS.md). A failing lane stops the run, and the other lanes with it.
 LANES=${LANES:-2}
 LANE_THREADS=$(( $(nproc) / LANES > 1 ? $(nproc) / LANES : 1 ))
 LANE_PIDS=()
@@ -112,11 +114,11 @@ done
 join
 stage python merge.py --out "$RUNS/sft-multilingual" --models "$RUNS"/sft-multilingual-seed{0,1}
 stage python merge.py --out "$RUNS/sft-code-stage1" --models "$RUNS"/sft-code-seed{0,1}
-# code stage 2 (§3.3.4.2): SFT on high-quality data, the stage-1 merge's samples that pass their tests, over
-# two seeds, merged again
+# code stage 2 (§3.3.4.2): SFT on high-quality data, the stage-1 merge's samples that pass their tests (with
+# stage 1's share of other capabilities' data), over two seeds, merged again
 for seed in 0 1; do
     lane python sft.py --capability code --data "$DATA" --init "$RUNS/sft-code-stage1" \
-        --out "$RUNS/sft-code-stage2-seed$seed" --seed "$seed" --best-of-n 4 --verified "${BEST_OF_N[@]}" \
+        --out "$RUNS/sft-code-stage2-seed$seed" --seed "$seed" --best-of-n 4 --verified "${CODE_STAGE2[@]}" \
         "${STEPS[@]}"
 done
 join

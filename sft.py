@@ -15,7 +15,9 @@ How this differs from the report:
    trained embeddings, never a trained one with an untrained one), and it makes the init long-context capable.
 3. Best-of-N ranks N samples per prompt with the reward model and trains two epochs on the best (§3.5), at
    the LR of the SFT after a merge (§4.9.2; the report gives none). --verified ranks them by the verifier
-   instead and keeps only samples that pass: code's stage 2 (§3.3.4.2), at the recipe's LR (B.3.1).
+   instead and keeps only samples that pass: code's stage 2 (§3.3.4.2), with stage 1's recipe (B.3.1: its
+   LR, as many other capabilities' conversations, pretraining batches). On the capability's samples alone,
+   the tiny code expert fell from 0.686 to 0.430 on instruct and from 0.292 to 0.021 on RAG (RESULTS.md).
 4. Every 4th step is a pretraining batch (PRETRAIN_MIX, ours): it keeps the language model the experts share.
 
 Reads --init, DATA/tokenizer.json, DATA/sft/CAP.jsonl (+ the other capabilities'), DATA/eval/CAP.jsonl,
@@ -159,7 +161,7 @@ def parse_args(argv=None):
     if args.reward_model and args.verified:
         parser.error("--reward-model and --verified both rank the samples: give one")
     if args.pretrain_mix is None:
-        args.pretrain_mix = 0.0 if args.best_of_n else PRETRAIN_MIX
+        args.pretrain_mix = 0.0 if args.best_of_n and not args.verified else PRETRAIN_MIX
     if not 0 <= args.pretrain_mix < 1:
         parser.error(f"--pretrain-mix must be in [0, 1), got {args.pretrain_mix}")
     return args
@@ -170,17 +172,18 @@ def parse_args(argv=None):
 
 
 def training_conversations(data: Path, capability: str, cross_domain: float, seed: int,
-                           sources=None) -> list[dict]:
+                           sources=None, n_own: int | None = None) -> list[dict]:
     """DATA/sft/CAP.jsonl, plus round(cross_domain x its size) conversations drawn evenly (seeded) from the
     other capabilities' files that exist, or from those of `sources` (§3.4.3.2: a little cross-domain data
-    keeps the experts compatible). capability "all": every capability's file."""
+    keeps the experts compatible). capability "all": every capability's file. With `n_own`, the others only,
+    as a share of n_own own conversations that come from elsewhere (verified best-of-N samples)."""
     if capability == "all":
         return [r for cap in CAPABILITIES if (data / "sft" / f"{cap}.jsonl").is_file()
                 for r in read_jsonl(data / "sft" / f"{cap}.jsonl", "sft")]
-    records = read_jsonl(data / "sft" / f"{capability}.jsonl", "sft")
+    records = read_jsonl(data / "sft" / f"{capability}.jsonl", "sft") if n_own is None else []
     others = [cap for cap in sources or CAPABILITIES
               if cap != capability and (data / "sft" / f"{cap}.jsonl").is_file()]
-    per_other = round(cross_domain * len(records) / max(1, len(others)))
+    per_other = round(cross_domain * (len(records) if n_own is None else n_own) / max(1, len(others)))
     rng = random.Random(seed)
     for cap in others:
         pool = read_jsonl(data / "sft" / f"{cap}.jsonl", "sft")
@@ -262,13 +265,16 @@ def main(argv=None):
               f"{np.mean(best_scores) if best_scores else float('nan'):.3f}")
         if not sequences:   # nothing to imitate: the model goes on unchanged
             args.steps = 0
+        elif args.verified:   # stage 1's mix: as many other capabilities' conversations (--cross-domain)
+            sequences += [render(enc, record["messages"]) for record in training_conversations(
+                data, args.capability, args.cross_domain, args.seed, args.cross_domain_from, len(sequences))]
         reward_model = score_fn = None   # the reward model's memory is the training's
     else:
         sequences = [render(enc, record["messages"]) for record in records]
     if sequences or not args.best_of_n:
         sequences = drop_too_long(sequences, [len(ids) for ids, _ in sequences], args.seq_len,
                                   f"{data / 'sft'} ({args.capability})")
-    if args.pretrain_mix:
+    if args.pretrain_mix and args.steps:
         corpus = open_shard(data / "corpus.bin", enc)
         mean_tokens = np.mean([len(ids) for ids, _ in sequences])  # pretraining batches as long as SFT ones
         pretrain_rows = max(1, round(args.batch_size * mean_tokens / args.seq_len))

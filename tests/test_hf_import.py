@@ -196,17 +196,26 @@ def save_hf_checkpoint(folder, tokenizer_path, vocab_size: int, seed: int = 0):
 
 
 def test_imported_checkpoint_gives_transformers_logits(tokenizer_path, tmp_path):
+    """As Cohere2's, the checkpoint's embedding is padded past the tokenizer's ids: the import drops the
+    padding rows, and every real token's logit is transformers'."""
     vocab_size = load_tokenizer(str(tokenizer_path)).n_vocab
-    hf = save_hf_checkpoint(tmp_path / "hf", tokenizer_path, vocab_size)
+    hf = save_hf_checkpoint(tmp_path / "hf", tokenizer_path, vocab_size + 24)
     assert len(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
     model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
     ours, info = common.load_model(tmp_path / "out")
     assert info["stage"] == "import" and info["parent"] == str(tmp_path / "hf")
+    assert ours.config.vocab_size == info["model"]["vocab_size"] == vocab_size
     idx = torch.randint(vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(idx), hf(idx).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.eval()(idx), hf(idx).logits[..., :vocab_size], atol=1e-5, rtol=0)
     assert load_tokenizer(info["tokenizer"]).name == load_tokenizer(str(tokenizer_path)).name
+
+
+def test_import_refuses_a_tokenizer_with_more_ids_than_the_model(tokenizer_path, tmp_path):
+    save_hf_checkpoint(tmp_path / "hf", tokenizer_path, load_tokenizer(str(tokenizer_path)).n_vocab - 1)
+    with pytest.raises(ValueError, match="past the model's vocab_size"):
+        model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
 
 
 def test_import_refuses_a_missing_shard_and_names_it(tokenizer_path, tmp_path):
@@ -234,7 +243,7 @@ def test_stages_run_on_an_imported_model_with_its_own_tokenizer(world, tmp_path)
     enc = load_tokenizer(str(folder / "tokenizer.json"))
     for name, docs in texts.items():
         write_shard(enc, docs, folder / f"{name}.bin")
-    save_hf_checkpoint(tmp_path / "hf", folder / "tokenizer.json", enc.n_vocab)
+    save_hf_checkpoint(tmp_path / "hf", folder / "tokenizer.json", enc.n_vocab + 16)  # padded, as Cohere2's
     model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
 
     run = ["--data", str(folder), "--init", str(tmp_path / "imported"), "--steps", "1", "--batch-size", "2",

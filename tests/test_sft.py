@@ -129,6 +129,11 @@ def test_verified_best_of_n_trains_only_on_samples_that_pass_the_verifier(world,
     assert (out / "model.pt").is_file()
     with pytest.raises(SystemExit):   # one ranking at a time
         sft.parse_args(["--best-of-n", "2", "--verified", "--reward-model", "rm"])
+    # stage 1's mix around the samples: other capabilities' conversations, as a share of them, and pretraining
+    others = sft.training_conversations(world, "math", 1.0, seed=0, n_own=12)
+    assert len(others) == 12 and all(r["capability"] != "math" for r in others)
+    assert len({r["capability"] for r in others}) == len(sft.CAPABILITIES) - 1
+    assert sft.parse_args(["--capability", "code", "--best-of-n", "2", "--verified"]).pretrain_mix == 0.25
 
 
 def test_each_record_once_per_epoch_ranks_disjoint_and_pretrain_steps_evenly_spaced():
