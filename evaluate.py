@@ -68,6 +68,14 @@ def reply_text(reply: dict) -> str:
     return " ".join(part for part in (reply["action"], reply["response"]) if part)
 
 
+def chatbot_message(reply: dict, calls: list | None = None) -> dict:
+    """A parsed reply (data.parse_reply) as a chatbot message: its response as the content, and its tool
+    calls (`calls`, parsed from its action) and thinking where it has them."""
+    message = {"role": "chatbot", "content": reply["response"] or ""}
+    message |= {"tool_calls": calls} if calls else {}
+    return message | ({"thinking": reply["thinking"]} if reply["thinking"] else {})
+
+
 def verifier_rewards(enc, records: list[dict], completions: list[list[int]]) -> list[float]:
     """verifiers.verifier_reward of completion i (token ids) to records[i], graded on its parsed reply as
     evaluation grades it; the sandboxed code runs in parallel threads (sandbox.run_python is thread-safe)."""
@@ -113,8 +121,7 @@ def answer_tool_calls(model, enc, records: list[dict], replies: list[dict], max_
         calls = parse_tool_calls(reply["action"] or "") if record.get("task") == "math" else None
         result = run_tool(calls[0]) if calls and len(calls) == 1 else None
         if result is not None and reply["response"] is None:
-            call = {"role": "chatbot", "content": "", "tool_calls": calls}
-            call |= {"thinking": reply["thinking"]} if reply["thinking"] else {}
+            call = chatbot_message(reply, calls)   # no response yet: the call alone
             pending.append((i, record["messages"] + [call, {"role": "tool", "content": result}]))
     n_tokens = 0
     for first in range(0, len(pending), batch_size):
@@ -364,10 +371,7 @@ def chat(model, enc, lines, out, system: str | None = None, max_new_tokens: int 
                                            else f"(not JSON) {reply['action']}"))
         out.write("\n")
         out.flush()
-        message = {"role": "chatbot", "content": reply["response"] or ""}
-        message |= {"tool_calls": calls} if calls else {}
-        message |= {"thinking": reply["thinking"]} if reply["thinking"] else {}
-        messages.append(message)
+        messages.append(chatbot_message(reply, calls))
     return messages
 
 

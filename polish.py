@@ -41,8 +41,8 @@ import prefopt
 from common import argument_parser, load_model, write_json
 from data import chat_stop_tokens, load_tokenizer, parse_reply, render_prompt
 from records import check_completion, read_jsonl
-from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, gold_win_rate, load_reward_model,
-                      reward_model_scores, win_rate)
+from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability, gold_win_rate,
+                      load_reward_model, reward_model_scores, win_rate)
 from model import generate
 from tasks import CAPABILITIES
 from verifiers import parse_tool_calls, verifier_reward
@@ -63,9 +63,7 @@ def reply_message(reply: dict) -> dict | None:
     calls = parse_tool_calls(reply["action"]) if reply["action"] else None
     if not reply["ended"] or (reply["action"] and calls is None):
         return None
-    message = {"role": "chatbot", "content": reply["response"] or ""}
-    message |= {"tool_calls": calls} if calls else {}
-    message |= {"thinking": reply["thinking"]} if reply["thinking"] else {}
+    message = chatbot_message(reply, calls)
     try:
         check_completion(message, "sample")
     except ValueError:
