@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from data import SPECIAL_TOKENS
-from model import PRESETS, Transformer, build_pair, generate, to_cohere2_config
+from hf import build_pair, to_cohere2_config
+from model import PRESETS, Transformer, generate
 
 
 def bench_model(args):
@@ -146,9 +147,10 @@ def bench_import(preset: str, n_shards: int):
         checkpoint_mib = sum(shard.stat().st_size for shard in shards) / 2**20
         # the baseline child imports what the import does and builds a model on the meta device, as it does to
         # check the shapes (torch loads some 70 MiB at the first use of the meta device), and stops
-        baseline = child_peak_rss_mib("import torch, model, safetensors, bench\nwith torch.device('meta'): "
-                                      "model.Transformer(model.Config())\nprint(bench.peak_rss_mib())")
-        peak = child_peak_rss_mib("import sys, model, bench; model.main(sys.argv[1:]); "
+        baseline = child_peak_rss_mib("import torch, hf, model, safetensors, bench\n"
+                                      "with torch.device('meta'): model.Transformer(model.Config())\n"
+                                      "print(bench.peak_rss_mib())")
+        peak = child_peak_rss_mib("import sys, hf, bench; hf.main(sys.argv[1:]); "
                                   "print(bench.peak_rss_mib())",
                                   "--from-hf", str(hf_dir), "--out", str(Path(tmp) / "out"))
         model_mib = (Path(tmp) / "out" / "model.pt").stat().st_size / 2**20

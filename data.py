@@ -12,7 +12,7 @@ Conventions every stage relies on:
   a tiktoken encoding name (e.g. "cl100k_base": its ranks, our special tokens; needs the network once), or a
   Hugging Face tokenizer.json of a byte-level BPE such as Cohere's: its ids, its special tokens where the file
   puts them (SPECIAL_TOKENS are Cohere's names), NFC and its pre-tokenizer as one split pattern
-  (`hf_tokenizer`).
+  (`hf.hf_tokenizer`).
 - Text from data (system/user messages, documents, tool results, the chatbot's own words, pretraining text)
   is always encoded with `encode_ordinary`, so it can never produce a special token: a user who types
   "<|END_OF_TURN_TOKEN|>" gets those characters, not the end of their turn.
@@ -34,7 +34,6 @@ import heapq
 import json
 import os
 import time
-import unicodedata
 from collections import Counter, defaultdict
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +43,7 @@ import regex  # tiktoken's own dependency: Python's `re` has no \p{L} nor posses
 import tiktoken
 import torch
 
+from hf import hf_tokenizer
 from records import read_jsonl
 
 SPECIAL_TOKENS = [
@@ -169,7 +169,7 @@ def load_tokenizer(spec: str) -> tiktoken.Encoding:
     content = path.read_bytes()
     saved = json.loads(content)
     if "model" in saved:  # Hugging Face's format names its tokenizer model ({"type": "BPE", ...})
-        return hf_tokenizer(path, saved, "hf-" + hashlib.sha256(content).hexdigest()[:12])
+        return hf_tokenizer(path, saved, "hf-" + hashlib.sha256(content).hexdigest()[:12], SPECIAL_TOKENS)
     if saved["special_tokens"] != SPECIAL_TOKENS:
         raise ValueError(f"{path}: its special tokens differ from data.SPECIAL_TOKENS; retrain the tokenizer")
     ranks = {base64.b64decode(token): rank for rank, token in enumerate(saved["mergeable_ranks"])}
@@ -180,148 +180,6 @@ def bytes_per_token(enc: tiktoken.Encoding, texts: list[str]) -> float:
     """UTF-8 bytes per token over `texts`: the tokenizer's compression (higher means shorter sequences)."""
     n_tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(texts))
     return sum(len(text.encode("utf-8")) for text in texts) / max(n_tokens, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A Hugging Face tokenizer.json (a byte-level BPE such as Cohere's) as a tiktoken Encoding with the same ids
-
-# The split of the ByteLevel pre-tokenizer (GPT-2's) in tiktoken's syntax: possessive quantifiers as in
-# tiktoken's own r50k_base, and GPT-2's `\s+(?!\S)|\s+` as `\s+(?!\S)|\s` (its second branch only ever takes
-# one character).
-GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s+(?!\S)|\s"""
-# Cohere's pre-tokenizer, Digits(individual_digits) then ByteLevel, as one pattern. Digits cuts the text
-# before and after every digit and the GPT-2 split runs on the stretches in between, so: a digit is a chunk
-# of its own (no other branch takes one, and " ?\p{N}" loses its space), and a whitespace run before a digit
-# ends its stretch, where `(?!\S)` held: the lookahead becomes "not before a non-space that is no digit".
-DIGITS_GPT2_SPLIT_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++|\p{N}| ?[^\s\p{L}\p{N}]++"""
-                             r"""|\s+(?![^\s\p{N}])|\s""")
-
-
-class NFCEncoding(tiktoken.Encoding):
-    """A tiktoken Encoding that puts text in Unicode normal form C first, as a tokenizer.json's NFC normalizer
-    does ("e" + U+0301 and "é" give the same tokens). `encode` finds special tokens in the raw text and
-    normalises the text between them, as Hugging Face does with its added tokens. (The batch methods call
-    these two.)"""
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        return super().encode_ordinary(unicodedata.normalize("NFC", text))
-
-    def encode(self, text: str, *, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
-        allowed = sorted(self.special_tokens_set if allowed_special == "all" else allowed_special,
-                         key=len, reverse=True)  # the longest first, as HF matches them
-        pieces = regex.split("(" + "|".join(map(regex.escape, allowed)) + ")", text) if allowed else [text]
-        ids = []
-        for i, piece in enumerate(pieces):  # odd i: a special token, kept by the split
-            normalized = unicodedata.normalize("NFC", piece)
-            ids += ([self.encode_single_token(piece)] if i % 2
-                    else super().encode(normalized, disallowed_special=disallowed_special))
-        return ids
-
-
-def byte_level_alphabet() -> dict[str, int]:
-    """The character that stands for each byte in a byte-level BPE's vocabulary, mapped back to the byte
-    (GPT-2's bytes_to_unicode): printable Latin-1 bytes stand for themselves, the other 68 for chr(256 + k) in
-    byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
-
-
-def bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
-    """tiktoken's BPE of `token` with only the tokens ranked below `below`: join the adjacent pair whose
-    join ranks lowest (the leftmost on a tie) until no pair joins."""
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 1:
-        best_rank, best = below, None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], below)
-            if rank < best_rank:
-                best_rank, best = rank, i
-        if best is None:
-            return parts
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
-    return parts
-
-
-def is_byte_level(pre_tokenizer: dict) -> bool:
-    """Whether a tokenizer.json pre-tokenizer is ByteLevel with GPT-2's split and no prefix space (the
-    defaults, where a key is absent, are use_regex true and add_prefix_space true)."""
-    return (pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
-            and pre_tokenizer.get("add_prefix_space", True) is False)
-
-
-def hf_tokenizer(path: Path, saved: dict, name: str) -> tiktoken.Encoding:
-    r"""The byte-level BPE of a Hugging Face tokenizer.json as a tiktoken Encoding with the same ids: by
-    encode_ordinary on any text free of special-token strings (as HF's encode, add_special_tokens=False), by
-    encode(text, allowed_special="all") on any text. Every added token becomes a special token at its id.
-
-    Converted: an NFC normalizer or none; the ByteLevel pre-tokenizer, alone or after
-    Digits(individual_digits) (Cohere's); a BPE model. HF joins the listed merge of lowest index, tiktoken the
-    adjacent pair whose join is the lowest-ranked token. They agree when ids rise with merge index and
-    tiktoken's BPE of each token, with the tokens ranked below it, ends at the two halves of its merge: we
-    check both, so the conversion is exact, and refuse anything else, naming it. One caveat: Digits' digits
-    are Rust's char::is_numeric, whose Unicode tables can be newer than tiktoken's \p{N} (13 code points of
-    Unicode 16-17 with tokenizers 0.23 and tiktoken 0.14), and the same holds for NFC and Python's
-    unicodedata.
-    """
-    def refuse(what: str):
-        raise ValueError(f"{path}: {what}; load_tokenizer converts only a byte-level BPE such as Cohere's "
-                         f"exactly")
-
-    model, pre_tokenizer = saved["model"], saved.get("pre_tokenizer") or {}
-    if saved.get("normalizer") not in (None, {"type": "NFC"}):
-        refuse(f"normalizer {saved['normalizer']} is not NFC")
-    if is_byte_level(pre_tokenizer):
-        pat_str = GPT2_SPLIT_PATTERN
-    elif (pre_tokenizer.get("type") == "Sequence" and len(pre_tokenizer["pretokenizers"]) == 2
-          and pre_tokenizer["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
-          and is_byte_level(pre_tokenizer["pretokenizers"][1])):
-        pat_str = DIGITS_GPT2_SPLIT_PATTERN
-    else:
-        refuse(f"pre_tokenizer {pre_tokenizer} is not ByteLevel, alone or after Digits(individual_digits), "
-               f"without prefix space")
-    if (model["type"] != "BPE" or model.get("byte_fallback") or model.get("dropout")
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
-        refuse(f"its {model['type']} model is no plain BPE (byte_fallback, dropout or affixes)")
-
-    special_tokens = {}
-    for added in saved.get("added_tokens", []):
-        token = added["content"]
-        if any(added.get(flag) for flag in ("single_word", "lstrip", "rstrip", "normalized")):
-            refuse(f"added token {token!r} sets single_word, lstrip, rstrip or normalized")
-        if model["vocab"].get(token, added["id"]) != added["id"]:
-            refuse(f"added token {token!r} has id {added['id']}, {model['vocab'][token]} in the vocabulary")
-        special_tokens[token] = added["id"]
-    missing = [token for token in SPECIAL_TOKENS if token not in special_tokens]
-    if missing:
-        refuse(f"its added tokens lack {missing}, which the chat format needs")
-
-    alphabet = byte_level_alphabet()
-    to_bytes = lambda token: bytes(alphabet[char] for char in token)  # noqa: E731
-    ranks = {}
-    for token, id_ in model["vocab"].items():
-        if token not in special_tokens:
-            if any(char not in alphabet for char in token):
-                refuse(f"vocabulary token {token!r} (id {id_}) is not in the byte-level alphabet")
-            ranks[to_bytes(token)] = id_
-    ids = sorted([*ranks.values(), *special_tokens.values()])
-    if ids != list(range(len(ids))):
-        refuse("its ids (vocabulary and added tokens) are not 0, 1, ..., n - 1 once each")
-    if any(bytes([b]) not in ranks for b in range(256)):
-        refuse("its vocabulary lacks some of the 256 single bytes")
-    last_id = -1
-    for merge in model["merges"]:
-        a, b = map(to_bytes, merge.split(" ") if isinstance(merge, str) else merge)
-        if ranks.get(a + b, -1) <= last_id:
-            refuse(f"merge {merge} makes no token, or one of a lower id than the merge before it")
-        last_id = ranks[a + b]
-        if bpe_parts(ranks, a + b, last_id) != [a, b]:
-            refuse(f"tiktoken would build the token of merge {merge} from other halves")
-    if len(model["merges"]) != len(ranks) - 256:
-        refuse(f"{len(ranks) - 256 - len(model['merges'])} multi-byte vocabulary tokens come from no merge")
-    encoding = NFCEncoding if saved.get("normalizer") else tiktoken.Encoding
-    return encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------

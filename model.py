@@ -22,16 +22,12 @@ transformers' Cohere2ForCausalLM.
 
     python model.py --from-hf DIR --out OUT    a Hugging Face Cohere2 checkpoint -> OUT/model.pt, config.json,
                                                tokenizer.json: a stage's --out, for the next one's --init
+                                               (hf.py: the import, and transformers' model with our weights)
 """
 
-import argparse
 import functools
-import json
 import math
-import os
-import shutil
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -659,112 +655,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     return (results, cache) if return_cache else results
 
 
-# -----------------------------------------------------------------------------
-# Hugging Face Cohere2: our config in its terms, a pair of models with the same weights (parity tests,
-# bench.py), and the import of a checkpoint folder
-
-
-def to_cohere2_config(config: Config) -> dict:
-    """The Hugging Face Cohere2 config dict of one of our Configs (inverse of Config.from_cohere2)."""
-    return dict(model_type="cohere2", vocab_size=config.vocab_size, hidden_size=config.dim,
-                intermediate_size=config.ffn_dim, num_hidden_layers=config.n_layers,
-                num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-                sliding_window=config.window, sliding_window_pattern=config.full_every,
-                max_position_embeddings=config.max_seq_len, logit_scale=config.logit_scale,
-                layer_norm_eps=config.norm_eps,
-                rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-                tie_word_embeddings=True, attention_bias=False,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def build_pair(config: Config, seed: int = 0):
-    """A random transformers Cohere2ForCausalLM and our Transformer holding the same weights."""
-    from transformers import Cohere2Config, Cohere2ForCausalLM
-
-    torch.manual_seed(seed)
-    hf = Cohere2ForCausalLM(Cohere2Config(**to_cohere2_config(config))).eval()
-    ours = Transformer(config).eval()
-    ours.load_state_dict(convert_cohere2_state_dict(hf.state_dict()))
-    return hf, ours
-
-
-def tokenizer_size(path) -> int:
-    """The number of ids of a Hugging Face tokenizer.json: one past the largest id of its vocabulary and its
-    added (special) tokens."""
-    saved = json.loads(Path(path).read_text())
-    ids = [*saved["model"]["vocab"].values(), *(added["id"] for added in saved.get("added_tokens", []))]
-    return 1 + max(ids)
-
-
-def import_cohere2(hf_dir, out):
-    """Write a Hugging Face Cohere2 folder (config.json, model.safetensors or its shards with their index,
-    tokenizer.json) as a stage's output, which --init and common.load_model read: OUT/model.pt (fp32, as every
-    stage's), OUT/config.json and OUT/tokenizer.json (the file itself: data.load_tokenizer converts it, or
-    says why it cannot). Shards are read one at a time and each block is fused as soon as its tensors are in,
-    so the peak memory is about one copy of the model (`python bench.py import` measures it)."""
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise ImportError("reading a Hugging Face checkpoint needs the safetensors package: "
-                          "pip install safetensors") from None
-    hf_dir, out = Path(hf_dir), Path(out)
-    index = hf_dir / "model.safetensors.index.json"
-    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-              else ["model.safetensors"])
-    for name in ("config.json", "tokenizer.json", *shards):
-        if not (hf_dir / name).is_file():
-            raise FileNotFoundError(f"{hf_dir / name}: no such file; --from-hf takes a Hugging Face Cohere2 "
-                                    f"folder (config.json, tokenizer.json, model.safetensors or shards)")
-    config = Config.from_cohere2(json.loads((hf_dir / "config.json").read_text()))
-    n_tokens = tokenizer_size(hf_dir / "tokenizer.json")
-    if n_tokens > config.vocab_size:
-        raise ValueError(f"{hf_dir / 'tokenizer.json'} has ids up to {n_tokens - 1}, past the model's "
-                         f"vocab_size {config.vocab_size}: a tokenizer of another model?")
-
-    state_dict, pending = {}, {}
-    for shard in shards:
-        with safe_open(hf_dir / shard, framework="pt") as file:
-            for name in file.keys():
-                pending[name.removeprefix("model.")] = file.get_tensor(name).float()
-        convert_cohere2_tensors(pending, state_dict)
-    if pending:
-        raise ValueError(f"{hf_dir}: tensors of no Cohere2 block, or of a block missing some: "
-                         f"{sorted(pending)[:5]}")
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.load_state_dict(state_dict, assign=True)  # every key and shape against config.json, no copy
-    # A checkpoint may pad its embedding past the tokenizer's last id (Cohere2's config says 256,000 rows,
-    # the report's vocabulary is 255k). No text maps to those rows and no text can be decoded from them, so
-    # they go: the embedding is the tokenizer's size, which every stage checks, and sampling can never pick
-    # a padding id. The logits of real tokens are unchanged.
-    if n_tokens < config.vocab_size:
-        state_dict["embed.weight"] = state_dict["embed.weight"][:n_tokens].clone()
-        config = replace(config, vocab_size=n_tokens)
-
-    # the files of a stage's --out as common.py writes them (this module sits below it), each under a
-    # temporary name, then renamed; config.json last
-    info = {"stage": "import", "preset": "cohere2", "model": asdict(config),
-            "args": {"from_hf": str(hf_dir), "out": str(out)}, "tokenizer": str(out / "tokenizer.json"),
-            "parent": str(hf_dir)}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, write in (("tokenizer.json", lambda path: shutil.copyfile(hf_dir / "tokenizer.json", path)),
-                        ("model.pt", lambda path: torch.save(state_dict, path)),
-                        ("config.json", lambda path: path.write_text(json.dumps(info, indent=1) + "\n"))):
-        write(out / f"{name}.tmp")
-        os.replace(out / f"{name}.tmp", out / name)
-    print(f"imported {hf_dir}: {config.num_params() / 1e6:.2f}M parameters; wrote {out}/model.pt, "
-          f"config.json, tokenizer.json")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Import a Hugging Face Cohere2 checkpoint (weights and "
-                                                 "tokenizer) as a stage's --out, for another's --init.")
-    parser.add_argument("--from-hf", required=True, metavar="DIR",
-                        help="Hugging Face folder: config.json, *.safetensors (+ index), tokenizer.json")
-    parser.add_argument("--out", required=True, help="folder to write model.pt, config.json, tokenizer.json")
-    args = parser.parse_args(argv)
-    import_cohere2(args.from_hf, args.out)
-
-
 if __name__ == "__main__":
-    main()
+    import hf  # the import's command line lives with the import: python model.py --from-hf is hf.main
+
+    hf.main()

@@ -7,6 +7,7 @@ import json
 import random
 import re
 import shutil
+import subprocess
 import sys
 import unicodedata
 from pathlib import Path
@@ -18,12 +19,12 @@ import common
 import copg
 import data
 import evaluate
-import model
 import prefopt
 import sft
 from data import SPECIAL_TOKENS, load_tokenizer, write_shard
+from hf import byte_level_alphabet, import_cohere2, to_cohere2_config
+from model import Config
 from records import read_jsonl
-from model import Config, to_cohere2_config
 
 pytest.importorskip("tokenizers")
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +159,7 @@ def test_a_merge_tiktoken_would_make_from_other_halves_is_refused(tmp_path):
     join a and bc into abc (a token). The conversion cannot be exact, and says so."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    alphabet = sorted(data.byte_level_alphabet(), key=data.byte_level_alphabet().get)
+    alphabet = sorted(byte_level_alphabet(), key=byte_level_alphabet().get)
     vocab = {char: i for i, char in enumerate(alphabet)} | {"bc": 256, "ab": 257, "abc": 258}
     hf = Tokenizer(models.BPE(vocab, [("b", "c"), ("a", "b"), ("ab", "c")]))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -202,7 +203,8 @@ def test_imported_checkpoint_gives_transformers_logits(tokenizer_path, tmp_path)
     hf = save_hf_checkpoint(tmp_path / "hf", tokenizer_path, vocab_size + 24)
     assert len(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
-    model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    subprocess.run([sys.executable, str(REPO / "model.py"), "--from-hf", str(tmp_path / "hf"), "--out",
+                    str(tmp_path / "out")], check=True)
     ours, info = common.load_model(tmp_path / "out")
     assert info["stage"] == "import" and info["parent"] == str(tmp_path / "hf")
     assert ours.config.vocab_size == info["model"]["vocab_size"] == vocab_size
@@ -215,7 +217,7 @@ def test_imported_checkpoint_gives_transformers_logits(tokenizer_path, tmp_path)
 def test_import_refuses_a_tokenizer_with_more_ids_than_the_model(tokenizer_path, tmp_path):
     save_hf_checkpoint(tmp_path / "hf", tokenizer_path, load_tokenizer(str(tokenizer_path)).n_vocab - 1)
     with pytest.raises(ValueError, match="past the model's vocab_size"):
-        model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+        import_cohere2(tmp_path / "hf", tmp_path / "out")
 
 
 def test_import_refuses_a_missing_shard_and_names_it(tokenizer_path, tmp_path):
@@ -223,13 +225,13 @@ def test_import_refuses_a_missing_shard_and_names_it(tokenizer_path, tmp_path):
     shard = sorted((tmp_path / "hf").glob("*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
-        model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+        import_cohere2(tmp_path / "hf", tmp_path / "out")
 
 
 def test_import_without_safetensors_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "safetensors", None)
     with pytest.raises(ImportError, match="pip install safetensors"):
-        model.main(["--from-hf", str(tmp_path), "--out", str(tmp_path / "out")])
+        import_cohere2(tmp_path, tmp_path / "out")
 
 
 def test_stages_run_on_an_imported_model_with_its_own_tokenizer(world, tmp_path):
@@ -244,7 +246,7 @@ def test_stages_run_on_an_imported_model_with_its_own_tokenizer(world, tmp_path)
     for name, docs in texts.items():
         write_shard(enc, docs, folder / f"{name}.bin")
     save_hf_checkpoint(tmp_path / "hf", folder / "tokenizer.json", enc.n_vocab + 16)  # padded, as Cohere2's
-    model.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
+    import_cohere2(tmp_path / "hf", tmp_path / "imported")
 
     run = ["--data", str(folder), "--init", str(tmp_path / "imported"), "--steps", "1", "--batch-size", "2",
            "--device", "cpu", "--no-eval", "--log-every", "1"]

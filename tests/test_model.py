@@ -8,9 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torch.nn.attention.flex_attention import create_mask
 
+from hf import build_pair, to_cohere2_config
 from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, attention_rule,
-                   build_pair, convert_cohere2_state_dict, document_positions, generate, rope_angles, sample,
-                   scaled_mm, to_cohere2_config)
+                   convert_cohere2_state_dict, document_positions, generate, rope_angles, sample, scaled_mm)
 
 SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
                max_seq_len=64)
