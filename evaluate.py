@@ -64,7 +64,7 @@ REVISION_REQUEST = "Revise your reply: keep what is right, fix what is wrong, an
 
 def reply_text(reply: dict) -> str:
     """What the verifiers read of a parsed reply: its tool calls (action) then its response, as
-    tasks.completion_text writes a chatbot message; the thinking is not graded."""
+    verifiers.completion_text writes a chatbot message; the thinking is not graded."""
     return " ".join(part for part in (reply["action"], reply["response"]) if part)
 
 
@@ -113,9 +113,9 @@ def generate_replies(model, enc, records: list[dict], max_new_tokens: int, batch
 
 def answer_tool_calls(model, enc, records: list[dict], replies: list[dict], max_new_tokens: int,
                       batch_size: int) -> int:
-    """Math replies may call the calculator (tasks.make_math): run the call, give the model its result as a
-    tool message and let it go on; the reply becomes the call then what follows. Other capabilities' calls
-    are graded as they are. Returns the tokens generated."""
+    """Math replies may call the calculator (capabilities.make_math): run the call, give the model its result
+    as a tool message and let it go on; the reply becomes the call then what follows. Other capabilities'
+    calls are graded as they are. Returns the tokens generated."""
     pending = []
     for i, (record, reply) in enumerate(zip(records, replies)):
         calls = parse_tool_calls(reply["action"] or "") if record.get("task") == "math" else None

@@ -239,10 +239,10 @@ def reply_language(record: dict) -> str | None:
 def gold_reward(record: dict, completion, ended: bool = True) -> float:
     """The gold judge's score of a completion: the verifier's correctness (the RL reward, 0 at worst: code
     without a code block scores as failing code) less STYLE_PENALTY for each rule broken of those the
-    preference data is built from (tasks.py: filler, the wrong language, an apology) and for a reply that
-    never ends its turn (`ended` False: it rambles to the length limit, the opposite of concise). The reward
-    model learns a proxy of this from pairs; where the two disagree on a policy's replies, the policy is
-    exploiting its proxy (Gao et al. 2022, reward-model over-optimisation)."""
+    preference data is built from (capabilities.py: filler, the wrong language, an apology) and for a reply
+    that never ends its turn (`ended` False: it rambles to the length limit, the opposite of concise). The
+    reward model learns a proxy of this from pairs; where the two disagree on a policy's replies, the policy
+    is exploiting its proxy (Gao et al. 2022, reward-model over-optimisation)."""
     text = completion_text(completion)
     language = reply_language(record)
     broken = (has_filler(text), APOLOGY.search(text) is not None, not ended,

@@ -1,8 +1,9 @@
 """The languages of the synthetic world (report §3.3.3 at toy scale): the facts' question and answer templates
 in English and two invented languages with their own words and word order (Velari puts the verb last, Dunmar
 first), the words of each language (to tell which one a reply is in), and the sentences that state and ask a
-fact; and the assistant's safety policy with the harms its safety data asks about (§3.3.7). tasks.py builds
-the world's entities and every dataset on top of this; verifiers.py grades replies with it.
+fact; and the assistant's safety policy with the harms its safety data asks about (§3.3.7). capabilities.py
+builds the world's entities and each capability's examples on top of this, tasks.py every dataset;
+verifiers.py grades replies with it.
 """
 import random
 import re

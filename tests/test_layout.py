@@ -1,8 +1,8 @@
 """The repository stands alone and its modules are layered: model, records, sandbox, world -> hf -> data ->
-verifiers -> tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's and copg's
-phases). A module imports only from layers below its own, so there are no cycles and any import order
-works. A script's entry point (`if __name__ == "__main__":`) runs only when the file is run, never when it
-is imported, so it may call a module above it: `python model.py --from-hf` runs hf.main."""
+verifiers -> capabilities -> tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's
+and copg's phases). A module imports only from layers below its own, so there are no cycles and any import
+order works. A script's entry point (`if __name__ == "__main__":`) runs only when the file is run, never
+when it is imported, so it may call a module above it: `python model.py --from-hf` runs hf.main."""
 
 import ast
 import subprocess
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = [{"model", "records", "sandbox", "world"}, {"hf"}, {"data"}, {"verifiers"}, {"tasks"}, {"common"},
-          {"evaluate"}, {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}, {"polish"}]
+LAYERS = [{"model", "records", "sandbox", "world"}, {"hf"}, {"data"}, {"verifiers"}, {"capabilities"},
+          {"tasks"}, {"common"}, {"evaluate"},
+          {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}, {"polish"}]
 LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 
 

@@ -1,6 +1,6 @@
-"""tasks.py and sandbox.py: the world is deterministic and held out where it says, every verifier accepts
-right answers and rejects wrong ones, the training data passes its own verifiers, and the code sandbox
-contains hostile code."""
+"""capabilities.py, tasks.py and sandbox.py: the world is deterministic and held out where it says, every
+verifier accepts right answers and rejects wrong ones, the training data passes its own verifiers, and the
+code sandbox contains hostile code."""
 import json
 import os
 import random
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import capabilities  # noqa: E402
 import sandbox  # noqa: E402
 import tasks  # noqa: E402
 import verifiers  # noqa: E402
@@ -33,7 +34,7 @@ def small_world_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world():
-    return tasks.make_world(seed=0, scale=0.5)
+    return capabilities.make_world(seed=0, scale=0.5)
 
 
 def read_jsonl(path):
@@ -67,7 +68,7 @@ def test_same_seed_gives_byte_identical_files_from_the_command_line_and_from_bui
 
 
 def test_a_different_seed_gives_a_different_world():
-    assert tasks.make_world(0, 0.1)["companies"] != tasks.make_world(1, 0.1)["companies"]
+    assert capabilities.make_world(0, 0.1)["companies"] != capabilities.make_world(1, 0.1)["companies"]
 
 
 def test_manifest_counts_every_file(small_world_dir):
@@ -101,7 +102,7 @@ def test_held_out_entities_and_code_tasks_never_appear_in_training_data(small_wo
     world = json.loads((small_world_dir / "world.json").read_text())
     held_out = [e["name"] for group in ("people", "companies", "products") for e in world[group]
                 if e["heldout"]]
-    held_out += [tasks.CODE_FAMILIES[family][0].format(k=k) + "("
+    held_out += [capabilities.CODE_FAMILIES[family][0].format(k=k) + "("
                  for family, k in world["code_tasks"]["eval"]]
     training = "".join((small_world_dir / d).joinpath(f).read_text() for d in ("sft", "pref", "rl", "copg")
                        for f in os.listdir(small_world_dir / d))
@@ -120,7 +121,7 @@ def test_copy_probes_ask_to_copy_what_the_text_states_about_held_out_entities(sm
                 if e["heldout"]}
     probes = read_jsonl(small_world_dir / "eval" / "copy.jsonl")
     names = {p["name"] for p in probes}
-    assert names == {"math"} | {f"needle@{length}x" for length in tasks.NEEDLE_LENGTHS}
+    assert names == {"math"} | {f"needle@{length}x" for length in capabilities.NEEDLE_LENGTHS}
     for probe in probes:
         assert any(name in probe["text"] for name in held_out)
         if probe["name"] == "math":  # the calculator expression, each of its numbers stated in the problem
@@ -134,18 +135,19 @@ def test_copy_probes_ask_to_copy_what_the_text_states_about_held_out_entities(sm
 def test_needle_prompts_grow_with_the_base_context(world):
     rng = random.Random(0)
     for base_context in (128, 256):
-        for length in tasks.NEEDLE_LENGTHS:
-            prompt = tasks.make_longctx(world, rng, "eval", base_context, length,
+        for length in capabilities.NEEDLE_LENGTHS:
+            prompt = capabilities.make_longctx(world, rng, "eval", base_context, length,
                                         "multikey")["messages"][0]["content"]
-            haystack = (length * base_context - tasks.NEEDLE_RESERVE) * tasks.CHARS_PER_TOKEN
+            haystack = (length * base_context - capabilities.NEEDLE_RESERVE) * capabilities.CHARS_PER_TOKEN
             assert haystack <= len(prompt) <= haystack + 300
 
 
 @pytest.mark.parametrize("cap", tasks.CAPABILITIES)
 def test_training_replies_pass_their_verifiers_and_rejected_ones_score_lower(world, cap):
-    make = {"instruct": tasks.make_instruct, "rag": tasks.make_rag, "multilingual": tasks.make_multilingual,
-            "code": tasks.make_code, "math": tasks.make_math, "safety": tasks.make_safety,
-            "longctx": lambda w, r, s: tasks.make_longctx(w, r, s, base_context=96)}[cap]
+    make = {"instruct": capabilities.make_instruct, "rag": capabilities.make_rag,
+            "multilingual": capabilities.make_multilingual, "code": capabilities.make_code,
+            "math": capabilities.make_math, "safety": capabilities.make_safety,
+            "longctx": lambda w, r, s: capabilities.make_longctx(w, r, s, base_context=96)}[cap]
     rng = random.Random(cap)
     for split in ("train", "eval"):
         for _ in range(8 if cap == "code" else 40):
@@ -160,7 +162,7 @@ def test_training_replies_pass_their_verifiers_and_rejected_ones_score_lower(wor
 
 
 def test_style_pairs_prefer_the_answer_without_filler(world):
-    e = tasks.make_chat(world, random.Random(0), "train")
+    e = capabilities.make_chat(world, random.Random(0), "train")
     assert not verifiers.has_filler(e["reply"]["content"]) and verifiers.has_filler(e["rejected"])
     assert e["reply"]["content"] in e["rejected"]
 
@@ -310,7 +312,7 @@ def test_math_is_solved_by_the_answer_line_or_by_a_calculator_call_that_computes
 def test_math_training_conversations_call_the_calculator_then_answer_with_its_result(world):
     rng = random.Random(0)
     for _ in range(40):
-        e = tasks.make_math(world, rng, "train")
+        e = capabilities.make_math(world, rng, "train")
         messages = tasks.sft_record(e, "math")["messages"]
         assert [m["role"] for m in messages] == ["system", "user", "chatbot", "tool", "chatbot"]
         expression = messages[2]["tool_calls"][0]["parameters"]["expression"]
