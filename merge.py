@@ -10,6 +10,10 @@ How this differs from the report:
    its expert's (capped at 1). It tries the start, every leave-one-out merge (which shows "collisions"), then
    the report's moves: upweight the weakest domain's experts (by 0.2, 0.4, 0.8), then random log-normal
    perturbations, until --budget candidates; the report describes the moves, not an algorithm.
+   With --base PARENT the search is over task-arithmetic scales (Ilharco et al. 2023): θ = θ_parent +
+   Σ λ_i (θ_i − θ_parent), still a linear merge (weights 1 − Σλ, λ_1, ...), but Σλ is not held at 1: after
+   the uniform average (λ = 1/N) it tries every expert's change 2x and 3x as large. The tiny experts' changes
+   are large and partly collide, so the plain average keeps little of each (RESULTS.md).
 2. Inputs are streamed: each tensor is read alone from its torch.save archive, so the peak memory is the
    output model plus one input tensor (`python bench.py merge` measures it). Inputs whose configs, tokenizers,
    tensor names or shapes differ are refused with a message naming the difference.
@@ -19,6 +23,7 @@ candidate, which a restarted search with the same models, data and settings repl
 
     python merge.py --out runs/tiny/sft-code --models runs/tiny/sft-code-seed0 runs/tiny/sft-code-seed1
     python merge.py --search --out runs/tiny/soup --models runs/tiny/instruct runs/tiny/sft-{rag,code,safety}
+    python merge.py --search --out runs/tiny/soup --base runs/tiny/instruct --models runs/tiny/sft-{rag,code}
 """
 
 import hashlib
@@ -153,11 +158,12 @@ def model_domain(info: dict) -> str | None:
 
 def write_merge(out, merged: dict, info: dict, paths, weights, method, **extra):
     """OUT/model.pt and OUT/config.json. The merge keeps a capability when the inputs that name one all name
-    the same (seed merging, interpolation toward an unnamed parent), so a search can still tell its domain."""
+    the same (seed merging, interpolation toward an unnamed parent or a soup), so a search can still tell its
+    domain."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(merged, out / "model.pt")
-    capabilities = {model_domain(load_config(p)) for p in paths} - {None}
+    capabilities = {model_domain(load_config(p)) for p in paths} - {None, "all"}   # "all": a soup's SFT
     args = {"method": method, "weights": weights, **extra}
     if len(capabilities) == 1:
         args["capability"] = capabilities.pop()
@@ -174,8 +180,14 @@ def normalized(weights) -> list[float]:
     return [w / total for w in weights]
 
 
+def task_arithmetic(scales) -> list[float]:
+    """The linear weights of θ_parent + Σ λ_i (θ_i − θ_parent) for scales [_, λ_1, ...]: the parent first."""
+    return [1.0 - sum(scales[1:]), *scales[1:]]
+
+
 def search_weights(domains: list, score, budget: int, start=None, step: float = 0.2, sigma: float = 0.3,
-                   seed: int = 0, log=None, cache: dict | None = None) -> tuple[dict, list[dict]]:
+                   seed: int = 0, log=None, cache: dict | None = None,
+                   base: bool = False) -> tuple[dict, list[dict]]:
     """Search merge weights for models whose domains are `domains` (one per model, None for none).
     `score(weights, names)` evaluates the merge with those weights on the named domains and returns
     {domain: headline metric}.
@@ -186,7 +198,10 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     `step`, 2 `step` or 4 `step` (a capability can need a large share before it shows at all), then the next
     weakest domain, or, once every lagging domain was tried from this candidate, with each weight perturbed by
     a factor exp(sigma · N(0, 1)). Weights are renormalised to sum to 1; a candidate replaces the best only if
-    better. Returns the best candidate and all of them; each is
+    better. With `base`, model 0 is the experts' parent and the search is over the others' task-arithmetic
+    scales λ (the parent's weight is 1 − Σλ, so no renormalising): after the start, the experts' scales 2x
+    and 3x; leave-one-out leaves out experts only; upweighting the parent's own domain shrinks every λ by
+    1 / (1 + amount). Returns the best candidate and all of them; each is
     {"kind", "weights", "scores", "retention", "objective"}. Every evaluation is written as a JSON line to
     `log`; `cache` holds earlier ones (a restart replays them)."""
     n, rng, cache = len(domains), random.Random(seed), {} if cache is None else cache
@@ -223,7 +238,7 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     candidates = []
 
     def try_candidate(weights, kind):
-        weights = normalized(weights)
+        weights = task_arithmetic(weights) if base else normalized(weights)
         scores = cached_scores(weights, scored)
         retention = {d: min(1.0, scores[d] / reference[d]) for d in scored}
         candidate = logged({"kind": kind, "weights": weights, "scores": scores, "retention": retention,
@@ -233,8 +248,13 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
               "weights " + " ".join(f"{w:.3f}" for w in weights))
         return candidate
 
-    best = first = try_candidate(start or [1.0] * n, "start")
-    for i in range(n if n > 2 else 0):
+    best = first = try_candidate(start or [1.0 / n] * n, "start")
+    for factor in (2, 3) if base else ():   # the experts' changes larger than in the average
+        if len(candidates) < budget:
+            scaled = try_candidate([w * factor for w in first["weights"]], f"experts x{factor}")
+            best = max(best, scaled, key=lambda c: c["objective"])
+    first = best
+    for i in range(1 if base else 0, n if n > 2 else 0):
         if len(candidates) >= budget:
             break
         left_out = try_candidate([w if j != i else 0.0 for j, w in enumerate(first["weights"])],
@@ -256,6 +276,8 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             amount = step * 2 ** k
             weights = [w + amount / domains.count(weakest) * (d == weakest)
                        for w, d in zip(best["weights"], domains)]
+            if base and domains[0] == weakest:   # the parent's domain: every expert's change smaller
+                weights = [w / (1 + amount) for w in best["weights"]]
             candidate = try_candidate(weights, f"upweight {weakest} by {amount:g}")
         else:  # brute force: perturb around the best candidate
             candidate = try_candidate([w * math.exp(sigma * rng.gauss(0, 1)) for w in best["weights"]],
@@ -277,8 +299,7 @@ def capability_scorer(paths, data, limit, batch_size: int = 16):
     config = Config(**load_config(paths[0])["model"])
 
     def score(weights, domains):
-        merged, _ = merge([p for p, w in zip(paths, weights) if w > 0], [w for w in weights if w > 0],
-                          normalize=True)
+        merged, _ = merge([p for p, w in zip(paths, weights) if w != 0], [w for w in weights if w != 0])
         with torch.device("meta"):
             model = Transformer(config)
         model.load_state_dict(merged, assign=True)
@@ -296,12 +317,13 @@ def search_log_header(paths, args) -> dict:
 
 
 def run_search(args):
-    paths = args.models
+    paths = [args.base, *args.models] if args.base else args.models
     infos = [load_config(p) for p in paths]
     check_compatible(paths, infos, [LazyCheckpoint(model_path(p)) for p in paths])
     domains = args.domains or [model_domain(info) for info in infos]
     if len(domains) != len(paths):
-        raise ValueError(f"{len(domains)} --domains for {len(paths)} models")
+        raise ValueError(f"{len(domains)} --domains for {len(paths)} models (--base included)")
+    domains = [d if d in HEADLINE else None for d in domains]   # e.g. "all": a soup's low-LR SFT
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header, log_path, cache = search_log_header(paths, args), out / "search.jsonl", {}
@@ -314,8 +336,9 @@ def run_search(args):
     print("domains: " + ", ".join(f"{p} = {d}" for p, d in zip(paths, domains)))
     with open(log_path, "w") as log:
         log.write(json.dumps({"header": header}) + "\n")
-        best, candidates = search_weights(domains, score, args.budget, args.weights, args.step, args.sigma,
-                                          args.seed, log, cache)
+        start = [0.0, *args.weights] if args.base and args.weights else args.weights
+        best, candidates = search_weights(domains, score, args.budget, start, args.step, args.sigma,
+                                          args.seed, log, cache, base=bool(args.base))
     print(f"best of {len(candidates)} candidates ({best['kind']}): mean retention {best['objective']:.3f}")
     for domain, value in best["retention"].items():
         print(f"  {domain}: {best['scores'][domain]:.3f} ({value:.0%} of its expert)")
@@ -331,7 +354,9 @@ def main(argv=None):
     what.add_argument("--models", nargs="+",
                       help="the --out folders (or model.pt files) of the models to merge")
     what.add_argument("--weights", type=float, nargs="+",
-                      help="one per model, summing to 1 (default: uniform)")
+                      help="one per model, summing to 1 (default: uniform); with --base, each model's λ")
+    what.add_argument("--base", help="task arithmetic (Ilharco et al. 2023): the parent the --models were "
+                                     "trained from; merges θ_base + Σ λ_i (θ_i − θ_base)")
     what.add_argument("--normalize", action="store_true", help="rescale the weights to sum to 1")
     what.add_argument("--method", default="linear", choices=["linear", "slerp"],
                       help="linear, or SLERP of two")
@@ -352,9 +377,14 @@ def main(argv=None):
         parser.error("--models and --out are required")
     if args.search:
         return run_search(args)
-    merged, info = merge(args.models, args.weights, args.method, args.normalize)
-    write_merge(args.out, merged, info, args.models, args.weights, args.method)
-    print(f"merged {len(args.models)} models ({args.method}) into {Path(args.out) / 'model.pt'}")
+    paths, weights = args.models, args.weights
+    if args.base:
+        if args.method != "linear" or args.normalize or not weights:
+            parser.error("--base merges linearly with each model's λ in --weights (no --normalize)")
+        paths, weights = [args.base, *paths], task_arithmetic([0.0, *weights])
+    merged, info = merge(paths, weights, args.method, args.normalize)
+    write_merge(args.out, merged, info, paths, weights, args.method)
+    print(f"merged {len(paths)} models ({args.method}) into {Path(args.out) / 'model.pt'}")
 
 
 if __name__ == "__main__":

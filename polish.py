@@ -175,6 +175,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.7, help="of the SRPO phases' samples")
     parser.add_argument("--srpo-steps", type=int, default=20, help="steps of each SRPO phase")
     parser.add_argument("--copg-steps", type=int, default=20, help="steps of each CoPG phase")
+    parser.add_argument("--srpo-lr", type=float, help="SRPO phases' peak LR, falling to a tenth (default: "
+                                                      "prefopt.py's instruct recipe)")
+    parser.add_argument("--copg-lr", type=float, help="CoPG phases' LR (default: copg.py's recipe)")
     parser.add_argument("--l2-ref", type=float, default=0.01, help="CoPG phase: λ of λ‖θ − θ_ref‖²")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="both phases: the SFT loss's weight")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch")
@@ -231,13 +234,16 @@ def main(argv=None):
                 pairs_file.write_text("".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs))
                 print(f"{name}: {len(pairs)} pairs from {len(chosen)} prompts "
                       f"({sum(p['source'] == 'verifier' for p in pairs)} verifiable)")
+            lr = ["--lr", str(args.srpo_lr), "--min-lr", str(args.srpo_lr / 10)] if args.srpo_lr else []
             prefopt.main(["--capability", "instruct", "--init", init, "--out", str(phase_out),
-                          "--data-file", str(pairs_file.resolve()), "--steps", str(args.srpo_steps), *run])
+                          "--data-file", str(pairs_file.resolve()), "--steps", str(args.srpo_steps), *lr,
+                          *run])
         else:
             copg.main(["--capability", "instruct", "--mode", "online", "--reward", f"rm:{args.reward_model}",
                        "--k", "2", "--l2-ref", str(args.l2_ref), "--data-file", str(mixed.resolve()),
                        "--max-new-tokens", str(MAX_NEW_TOKENS), "--init", init, "--out", str(phase_out),
-                       "--steps", str(args.copg_steps), *run])
+                       "--steps", str(args.copg_steps), *run,
+                       *(["--lr", str(args.copg_lr)] if args.copg_lr else [])])
         if k >= len(rows):
             init = str(phase_out)
             rows.append({"phase": name, "dir": init} | measure(

@@ -2,10 +2,11 @@
 # The Command A pipeline of the report's Figure 3 at tiny scale, on a CPU, in one command:
 #
 #   data -> tokenizer -> pretrain (cooldown + context extension) -> instruct (SFT, then SRPO) -> six SFT
-#   experts (code and multilingual merged over 2 seeds) -> SFT soup (weight search, then low-LR SFT on every capability's data,
-#   §4.9.2) -> RL experts with each domain's method -> RL soup (the same two steps) -> polishing (best-of-N
-#   SFT, then SRPO <-> online CoPG ping-pong) -> RUNS/report.md, one row per checkpoint, and RUNS/times.txt, the wall
-#   time of every stage.
+#   experts (code and multilingual merged over 2 seeds) -> SFT soup (a weight search over the experts'
+#   task-arithmetic scales from the instruct model, then low-LR SFT on every capability's data, §4.9.2) -> RL
+#   experts with each domain's method -> RL soup (the same two steps, from the SFT soup) -> polishing
+#   (best-of-N SFT, then SRPO <-> online CoPG ping-pong) -> RUNS/report.md, one row per checkpoint, and
+#   RUNS/times.txt, the wall time of every stage.
 #
 #     bash run_tiny.sh                 # data/tiny, runs/tiny
 #     QUICK=1 bash run_tiny.sh         # a few steps per stage: checks that the chain runs (tests do this)
@@ -94,10 +95,11 @@ stage python data.py tokenizer --data "$DATA"
 stage python data.py shards --data "$DATA"
 stage python pretrain.py --data "$DATA" --out "$RUNS/pretrain" "${PRETRAIN[@]}"
 
-# instruct model: SFT from the base model, then SRPO (§3.1)
+# instruct model: SFT from the base model, then SRPO (§3.1); the reward model trains from the same SFT model
 stage python sft.py --capability instruct --data "$DATA" --init "$RUNS/pretrain" --out "$RUNS/instruct-sft" "${STEPS[@]}"
-stage python reward.py --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/reward" "${REWARD[@]}"
-stage python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/instruct" "${STEPS[@]}"
+lane python reward.py --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/reward" "${REWARD[@]}"
+lane python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/instruct-sft" --out "$RUNS/instruct" "${STEPS[@]}"
+join
 
 # SFT experts from the instruct model (§3.3); code and multilingual over two seeds, merged (seed merging: §3.3.4.2,
 # B.2)
@@ -124,7 +126,7 @@ done
 join
 stage python merge.py --out "$RUNS/sft-code" --models "$RUNS"/sft-code-stage2-seed{0,1}
 SFT_EXPERTS=("$RUNS"/sft-{rag,multilingual,code,math,longctx,safety})
-stage python merge.py --search --data "$DATA" --out "$RUNS/sft-merge" --models "$RUNS/instruct" "${SFT_EXPERTS[@]}" \
+stage python merge.py --search --data "$DATA" --out "$RUNS/sft-merge" --base "$RUNS/instruct" --models "${SFT_EXPERTS[@]}" \
     "${SEARCH[@]}"
 stage python sft.py --capability all --data "$DATA" --init "$RUNS/sft-merge" --out "$RUNS/sft-soup" "${STEPS[@]}"
 
@@ -140,7 +142,8 @@ lane python prefopt.py --capability multilingual --data "$DATA" --init "$RUNS/sf
 join
 stage python merge.py --out "$RUNS/rl-code" --models "$RUNS/rl-code-copg" "$RUNS/sft-soup" --weights 0.7 0.3  # back toward the parent
 RL_EXPERTS=("$RUNS"/rl-{safety,multilingual,code,math,rag,instruct,longctx})
-stage python merge.py --search --data "$DATA" --out "$RUNS/rl-merge" --models "${RL_EXPERTS[@]}" "${SEARCH[@]}"
+stage python merge.py --search --data "$DATA" --out "$RUNS/rl-merge" --base "$RUNS/sft-soup" --models "${RL_EXPERTS[@]}" \
+    "${SEARCH[@]}"
 stage python sft.py --capability all --data "$DATA" --init "$RUNS/rl-merge" --out "$RUNS/rl-soup" "${STEPS[@]}"
 
 # polishing (§3.5): best-of-N SFT ranked by the reward model (prompts from every capability), then ping-pong:

@@ -89,6 +89,19 @@ def test_linear_merges_are_associative(experts, tmp_path):
     assert written["stage"] == "merge" and written["parent"] == [str(experts[0]), str(experts[1])]
 
 
+def test_task_arithmetic_adds_the_scaled_changes_to_the_parent(experts, tmp_path):
+    parent, *children = experts
+    main(["--out", str(tmp_path / "ta"), "--base", str(parent), "--models", *map(str, children),
+          "--weights", "0.7", "0.6"])
+    merged, states = load(tmp_path / "ta"), [load(p) for p in experts]
+    for name, base in states[0].items():  # θ_parent + Σ λ_i (θ_i − θ_parent), the changes summed to 1.3
+        expected = base + 0.7 * (states[1][name] - base) + 0.6 * (states[2][name] - base)
+        assert torch.allclose(merged[name], expected, atol=1e-6)
+    written = json.loads((tmp_path / "ta" / "config.json").read_text())
+    assert written["args"]["weights"] == pytest.approx([-0.3, 0.7, 0.6])
+    assert written["parent"] == [str(p) for p in experts]
+
+
 def test_weights_must_sum_to_one_unless_normalized(experts):
     with pytest.raises(ValueError, match="sum to 1.5"):
         merge(experts, [0.5, 0.5, 0.5])
@@ -163,6 +176,23 @@ def test_search_leaves_out_domains_with_nothing_to_retain_and_reports_collisions
     best, candidates = search_weights(["b", "b"], lambda weights, names: {d: 0.0 for d in names}, budget=3,
                                       start=[3.0, 1.0])
     assert "nothing to search for" in capsys.readouterr().out and best["weights"] == [0.75, 0.25]
+
+
+def test_task_arithmetic_search_scales_the_changes_past_what_an_average_can_hold():
+    """Three experts that each need a scale of 0.5 on their change (1.5 in all, with a parent of no domain):
+    no average of four models holds that; scaling every change 3x does."""
+    def score(weights, names):   # weights: the parent's, then the experts' λ
+        return {d: min(1.0, weights[1 + "abc".index(d)] / 0.5) for d in names}
+
+    domains = [None, "a", "b", "c"]
+    average, _ = search_weights(domains, score, budget=12)
+    best, candidates = search_weights(domains, score, budget=12, base=True)
+    assert [c["kind"] for c in candidates[:3]] == ["start", "experts x2", "experts x3"]
+    assert candidates[0]["weights"] == pytest.approx([0.25] * 4)   # the start is the plain average
+    assert candidates[2]["weights"] == pytest.approx([-1.25, 0.75, 0.75, 0.75])
+    assert [c["kind"] for c in candidates[3:6]] == ["leave out 1", "leave out 2", "leave out 3"]
+    assert best["objective"] == 1.0 > average["objective"]
+    assert all(sum(c["weights"]) == pytest.approx(1.0) for c in candidates)
 
 
 def test_a_restarted_search_replays_its_log_without_evaluating_again():
