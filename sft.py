@@ -20,6 +20,9 @@ How this differs from the report:
    the tiny code expert fell from 0.686 to 0.430 on instruct and from 0.292 to 0.021 on RAG (RESULTS.md).
 4. Every 4th step is a pretraining batch (PRETRAIN_MIX, ours): it keeps the language model the experts share.
 
+Under torchrun best-of-N's processes each sample and score a share of the prompts on the sharded model, and
+every process trains on all their picks: the set one process would pick, from other random draws.
+
 Reads --init, DATA/tokenizer.json, DATA/sft/CAP.jsonl (+ the other capabilities'), DATA/eval/CAP.jsonl,
 DATA/corpus.bin; writes OUT/model.pt, config.json, metrics.jsonl and checkpoint.pt (a
 restarted run resumes exactly).
@@ -30,6 +33,8 @@ restarted run resumes exactly).
     python sft.py --init runs/tiny/rl-soup --out runs/tiny/bon --best-of-n 4 --reward-model runs/tiny/reward
     python sft.py --capability code --init runs/tiny/sft-code-stage1 --best-of-n 4 --verified
     torchrun --nproc_per_node 8 sft.py --capability code --init runs/r7b/instruct --data data/real
+    torchrun --nproc_per_node 8 sft.py --init runs/r7b/rl-soup --out runs/r7b/bon --best-of-n 4 \\
+        --reward-model runs/r7b/reward --data data/real
 """
 
 import math
