@@ -11,9 +11,9 @@ Stage scripts call these functions and never touch process groups themselves.
   FSDP axes. On GPU, FSDP2 gathers parameters in bf16 and reduces gradients in fp32; master weights and AdamW
   state stay fp32 everywhere.
 - Checkpoints are full (unsharded) state dicts gathered to rank 0 and written atomically (temporary file, then
-  rename), so a checkpoint written at one world size loads at any other. Simple and exact; past a few tens of
-  billions of parameters rank 0's memory is the limit and torch.distributed.checkpoint's sharded format is the
-  step up.
+  rename), so a checkpoint written at one world size loads at any other (per-rank state, such as online CoPG's
+  replay buffers, only at the same). Simple and exact; past a few tens of billions of parameters rank 0's
+  memory is the limit and torch.distributed.checkpoint's sharded format is the step up.
 - Every stage writes to its --out: `model.pt` + `config.json` (what the next stage's --init reads),
   `checkpoint.pt` (model + optimizer + step + RNG, for exact resume) and `metrics.jsonl`.
 """
@@ -276,7 +276,7 @@ def generate_sharded(model: Transformer, prompts: list[list[int]], max_new_token
     model.unshard()
     completions = generate(model, prompts, max_new_tokens, temperature, top_p, stop_tokens, generator,
                            everyone_done=lambda done: all_reduce_sum(not done, runtime) == 0)
-    model.reshard()   # back to shards: the optimizer and the L2 penalty work on them
+    model.reshard()   # frees the gathered root; model.parameters() are the shards again (the L2 penalty's)
     return completions
 
 
