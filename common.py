@@ -11,9 +11,9 @@ Stage scripts call these functions and never touch process groups themselves.
   FSDP axes. On GPU, FSDP2 gathers parameters in bf16 and reduces gradients in fp32; master weights and AdamW
   state stay fp32 everywhere.
 - Checkpoints are full (unsharded) state dicts gathered to rank 0 and written atomically (temporary file, then
-  rename), so a checkpoint written at one world size loads at any other. Simple and exact; past a few tens of
-  billions of parameters rank 0's memory is the limit and torch.distributed.checkpoint's sharded format is the
-  step up.
+  rename), so a checkpoint written at one world size loads at any other (per-rank state, such as online CoPG's
+  replay buffers, only at the same). Simple and exact; past a few tens of billions of parameters rank 0's
+  memory is the limit and torch.distributed.checkpoint's sharded format is the step up.
 - Every stage writes to its --out: `model.pt` + `config.json` (what the next stage's --init reads),
   `checkpoint.pt` (model + optimizer + step + RNG, for exact resume) and `metrics.jsonl`.
 """
@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from data import load_tokenizer, pack, record_indices, render
 from records import read_sft_data
-from model import Config, Transformer
+from model import Config, Transformer, generate
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
 
@@ -107,6 +107,21 @@ def all_reduce_sum(value: float, runtime: Runtime) -> float:
     tensor = torch.tensor(float(value), dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
     return tensor.item()
+
+
+def all_gather_objects(obj, runtime: Runtime) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank ([obj] in one process): picklable Python objects."""
+    if runtime.mesh is None:
+        return [obj]
+    gathered = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def rank_seed(seed: int, runtime: Runtime) -> int:
+    """A sampling seed for this rank: `seed` itself on rank 0 (and so in one process), `seed` + rank x 2^32
+    on the others, so that ranks draw different samples, and a resumed run the same ones."""
+    return seed + (runtime.rank << 32)
 
 
 def autocast(runtime: Runtime):
@@ -237,8 +252,32 @@ def print_settings(stage: str, args):
 
 
 def generation_model(model: Transformer, path, runtime: Runtime) -> Transformer:
-    """The model itself in one process; under FSDP a whole copy loaded from `path` (generation needs it)."""
+    """The model itself in one process; under FSDP a whole copy loaded from `path`: for the evaluations that
+    rank 0 runs alone (sampling inside a training step uses generate_sharded on every rank)."""
     return model if runtime.mesh is None else load_model(path, runtime.device)[0]
+
+
+def generate_sharded(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                     top_p: float, stop_tokens, generator: torch.Generator,
+                     runtime: Runtime) -> list[list[int]]:
+    """model.generate of this rank's prompts with the model being trained, sharded under FSDP: what online
+    CoPG and best-of-N sample with, each rank its own prompts. Every rank must call it as many times.
+
+    Under FSDP each block's forward gathers its weights from all ranks, as in training, so no rank ever holds
+    more than one block beyond its shards: what a model too big for one device needs (gathering a whole copy
+    per rank, the simple alternative, would not fit at full size). The gathers are collective, so every rank
+    runs the same number of forwards: all of them decode until every rank's rows are done (an all-reduce of
+    one flag per token). The root's weights (embedding, final norm) are gathered once for the whole call:
+    generate computes logits outside any forward. The gathered weights are the same numbers, so a rank
+    samples what one process would from the same prompts and generator (exactly on CPU; on GPU FSDP gathers
+    bf16 weights)."""
+    if runtime.mesh is None:
+        return generate(model, prompts, max_new_tokens, temperature, top_p, stop_tokens, generator)
+    model.unshard()
+    completions = generate(model, prompts, max_new_tokens, temperature, top_p, stop_tokens, generator,
+                           everyone_done=lambda done: all_reduce_sum(not done, runtime) == 0)
+    model.reshard()   # frees the gathered root; model.parameters() are the shards again (the L2 penalty's)
+    return completions
 
 
 def l2_to_init(params, init_params, weight: float) -> torch.Tensor:
@@ -340,18 +379,24 @@ def write_config(out, stage: str, preset: str, config: Config, args, tokenizer: 
     write_json(info, Path(out) / "config.json")
 
 
-def save_checkpoint(out, model, optimizer, step: int, runtime: Runtime):
+def save_checkpoint(out, model, optimizer, step: int, runtime: Runtime, rank_state=None):
     """checkpoint.pt: full model and optimizer state (gathered to rank 0), the number of steps done, and
     rank 0's RNG state. Data order is a pure function of the step (data.shard_batch), so the step is the
-    data position. Per-rank randomness, where a stage needs it, should be derived from (seed, step, rank)."""
+    data position. Per-rank randomness, where a stage needs it, should be derived from (seed, step, rank)
+    (rank_seed). `rank_state`, if given, is state each rank keeps across steps (online CoPG's replay buffer:
+    tensors and lists); every rank's is gathered into the same file, so that it is written atomically with
+    the weights it goes with, and load_rank_state gives each rank its own back."""
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                          cpu_offload=True))
+    rank_states = all_gather_objects(rank_state, runtime) if rank_state is not None else None
     if runtime.is_main:
         rng = {"cpu": torch.get_rng_state()}
         if runtime.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(runtime.device)
-        atomic_save({"model": model_state, "optimizer": optim_state, "step": step, "rng": rng},
-                    Path(out) / "checkpoint.pt")
+        checkpoint = {"model": model_state, "optimizer": optim_state, "step": step, "rng": rng}
+        if rank_states is not None:
+            checkpoint["rank_states"] = rank_states
+        atomic_save(checkpoint, Path(out) / "checkpoint.pt")
     if runtime.mesh is not None:
         dist.barrier()  # nobody goes on (and possibly crashes) before the checkpoint is complete
 
@@ -369,6 +414,21 @@ def load_checkpoint(out, model, optimizer, runtime: Runtime) -> int:
     if "cuda" in checkpoint["rng"] and runtime.device.type == "cuda":
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], runtime.device)
     return checkpoint["step"]
+
+
+def load_rank_state(out, runtime: Runtime):
+    """This rank's `rank_state` in --out/checkpoint.pt (save_checkpoint), or None if there is none. It
+    belongs to a rank of the world that wrote it: resuming at another world size is refused."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    rank_states = torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("rank_states")
+    if rank_states is None:
+        return None
+    if len(rank_states) != runtime.world_size:
+        raise ValueError(f"{path} holds the state of {len(rank_states)} processes (e.g. replay buffers), "
+                         f"this run has {runtime.world_size}: resume it with as many, or pick another --out")
+    return rank_states[runtime.rank]
 
 
 def save_model(out, model, runtime: Runtime):

@@ -9,16 +9,22 @@ with rewards R_i:
 
 How this differs from the report:
 1. Appendix B's LRs × common.PREF_LR_SCALE (12) for the tiny preset; β where the report gives none is ours.
-2. Online rewards: the verifiers (verifiers.verifier_reward) or a reward model (--reward rm:PATH). Online mode
-   runs in one process (generation needs whole weights) and does not checkpoint its replay buffer.
+2. Online rewards: the verifiers (verifiers.verifier_reward) or a reward model (--reward rm:PATH, a whole
+   copy on every process).
+
+Under torchrun each process samples its own prompts with the sharded model (common.generate_sharded),
+scores them where they are and keeps its own replay buffer (saved with the checkpoint): a step on P processes
+is one process's step on P x --batch-size prompts, but for the samples drawn.
 
 Reads --init, DATA/tokenizer.json, DATA/copg/CAP.jsonl (offline: code, RAG) or DATA/rl/CAP.jsonl (online),
---sft-data; writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (exact resume) and ref_logps.pt.
+--sft-data; writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (exact resume, with the replay
+buffers) and ref_logps.pt.
 
     python copg.py --capability math                   # online, verifier: runs/tiny/sft-soup -> rl-math
     python copg.py --capability code                   # offline + hybrid SFT: runs/tiny/sft-soup -> rl-code
     python copg.py --capability rag --mode offline     # groups judged by the gold judge (§3.3.2.2)
     torchrun --nproc_per_node 8 copg.py --capability code --mode offline --init runs/r7b/soup --data data/real
+    torchrun --nproc_per_node 8 copg.py --capability math --init runs/r7b/soup --data data/real
 """
 
 import random
@@ -28,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argument_parser, build_model,
-                    drop_too_long, generation_model, l2_to_init, load_checkpoint, lr_factor, make_optimizer,
-                    open_stage, optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model,
-                    set_lr, sft_sequences, sft_step_loss, teardown)
+from common import (PREF_LR_SCALE, Logger, Runtime, add_run_flags, all_reduce_sum, argument_parser,
+                    build_model, drop_too_long, generate_sharded, generation_model, l2_to_init,
+                    load_checkpoint, load_rank_state, lr_factor, make_optimizer, open_stage, optimizer_step,
+                    packed_logps, rank_seed, reference_logps, save_checkpoint, save_model, set_lr,
+                    sft_sequences, sft_step_loss, teardown)
 from data import (chat_stop_tokens, prompt_completion_sequence, record_indices,
                   render_completion, render_prompt)
 from records import read_jsonl
 from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores,
                       verifier_rewards)
-from model import generate
 from tasks import CAPABILITIES
 
 # Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE)
@@ -71,12 +77,13 @@ def copg_loss(logps, ref_logps, rewards, beta):
 
 
 def sample_groups(model, enc, records: list[dict], k: int, max_new_tokens: int, temperature: float,
-                  top_p: float, generator: torch.Generator) -> tuple[list[list[int]], list[list[int]]]:
+                  top_p: float, generator: torch.Generator,
+                  runtime: Runtime) -> tuple[list[list[int]], list[list[int]]]:
     """k completions per record's prompt from the current policy: (prompt ids per record, completions as token
     ids, record-major: completion j of record i is at i * k + j)."""
     prompts = [render_prompt(enc, record["messages"]) for record in records]
-    completions = generate(model, [ids for ids in prompts for _ in range(k)], max_new_tokens, temperature,
-                           top_p, chat_stop_tokens(enc), generator)
+    completions = generate_sharded(model, [ids for ids in prompts for _ in range(k)], max_new_tokens,
+                                   temperature, top_p, chat_stop_tokens(enc), generator, runtime)
     return prompts, completions
 
 
@@ -157,9 +164,6 @@ def main(argv=None):
     runtime, enc, parent, config = open_stage("copg", args)
     data, out = Path(args.data), Path(args.out)
     online = args.mode == "online"
-    if online and runtime.mesh is not None:
-        raise ValueError("online CoPG generates with whole weights: run it in one process "
-                         "(offline mode shards)")
     model = build_model(config, runtime, args.init, args.seed)
 
     # data: offline, scored groups with cached reference log-probs; online, prompts with a verifier or an RM
@@ -196,8 +200,9 @@ def main(argv=None):
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     start = load_checkpoint(out, model, optimizer, runtime)
+    # (sequences [k], ref log-probs [k], rewards [k]) per group: this rank's, saved with each checkpoint
+    replay = deque(load_rank_state(out, runtime) or [], maxlen=args.replay_size)
     logger = Logger(out, runtime, start, args.steps)
-    replay = deque(maxlen=args.replay_size)  # (sequences [k], ref log-probs [k], rewards [k]) per group
     tokens_seen, generation_seconds, samples = 0, 0.0, 0
     for step in range(start, args.steps):
         lr = lr_factor(step, steps=args.steps, warmup=args.warmup, cooldown=0, min_ratio=1.0, cosine=False)
@@ -206,11 +211,12 @@ def main(argv=None):
                                  runtime.world_size)
         batch_records = [records[i] for i in indices]
         metrics = {}
-        if online:  # sample k per prompt (seeded by the step: exact resume), score, reference log-probs
-            generator = torch.Generator(runtime.device).manual_seed(args.seed * 1_000_003 + step)
+        if online:  # sample k per prompt (seeded by step and rank: exact resume), score, reference log-probs
+            seed = rank_seed(args.seed * 1_000_003 + step, runtime)
+            generator = torch.Generator(runtime.device).manual_seed(seed)
             started = time.perf_counter()
             prompts, completions = sample_groups(model, enc, batch_records, args.k, args.max_new_tokens,
-                                                 args.temperature, args.top_p, generator)
+                                                 args.temperature, args.top_p, generator, runtime)
             seconds = time.perf_counter() - started
             generation_seconds, samples = generation_seconds + seconds, samples + len(completions)
             metrics |= {"samples_per_s": len(completions) / seconds,
@@ -227,8 +233,7 @@ def main(argv=None):
                 ref = packed_logps(reference, enc, sequences, args.seq_len, runtime)[0].view(-1, args.k).cpu()
             fresh = [(sequences[i * args.k:(i + 1) * args.k], ref[i], rewards[i])
                      for i in range(len(indices))]
-            replayed = random.Random(args.seed * 1_000_003 + step).sample(list(replay), min(args.replay_batch,
-                                                                                            len(replay)))
+            replayed = random.Random(seed).sample(list(replay), min(args.replay_batch, len(replay)))
             replay.extend(fresh)
             train_groups = fresh + replayed
         else:
@@ -260,7 +265,7 @@ def main(argv=None):
                        kl=mean(log_ratio.mean().item()), sft_loss=sft_loss, l2=mean(penalty.item()),
                        lr=lr * args.lr, grad_norm=grad_norm, replay=len(replay), **metrics)
         if done % args.save_every == 0 or done == args.steps:
-            save_checkpoint(out, model, optimizer, done, runtime)
+            save_checkpoint(out, model, optimizer, done, runtime, list(replay) if args.replay_size else None)
     save_model(out, model, runtime)
 
     if runtime.is_main and samples:

@@ -606,17 +606,20 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under FSDP (common.generate_sharded) the buffers the weights are gathered
+# into outlive the call, and training's gathers write into them, which an inference tensor forbids
+@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-             return_cache=False, on_token=None):
+             return_cache=False, on_token=None, everyone_done=None):
     """Sample a continuation for every prompt (token lists of any lengths), batched with a KV cache.
 
     Prompts are left-padded; padding is a separate "document" for the masks and positions start at each
     prompt's first real token, so every row gets exactly the logits it would get alone. A row stops after
     emitting a stop token, which is kept in its output. `on_token`, if given, is called with each step's
-    tokens [B] as they are sampled (a chat prints them). Returns a list of token lists (and the cache, for
-    inspection, if return_cache)."""
+    tokens [B] as they are sampled (a chat prints them). `everyone_done`, if given, turns "this batch is
+    done" into "every process's batch is" (a sharded model decodes in step on all of them). Returns a list of
+    token lists (and the cache, for inspection, if return_cache)."""
     device = model.embed.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     if (lengths == 0).any():
@@ -643,7 +646,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if on_token is not None:
             on_token(token)
         done |= torch.isin(token, stop)
-        if done.all() or step == max_new_tokens - 1:
+        all_done = bool(done.all()) if everyone_done is None else everyone_done(bool(done.all()))
+        if all_done or step == max_new_tokens - 1:
             break
         positions = (cache.seen - pad_lens)[:, None]
         hidden = model.hidden_states(token[:, None], positions=positions, cache=cache)

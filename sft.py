@@ -20,6 +20,9 @@ How this differs from the report:
    the tiny code expert fell from 0.686 to 0.430 on instruct and from 0.292 to 0.021 on RAG (RESULTS.md).
 4. Every 4th step is a pretraining batch (PRETRAIN_MIX, ours): it keeps the language model the experts share.
 
+Under torchrun best-of-N's processes each sample and score a share of the prompts on the sharded model, and
+every process trains on all their picks: the set one process would pick, from other random draws.
+
 Reads --init, DATA/tokenizer.json, DATA/sft/CAP.jsonl (+ the other capabilities'), DATA/eval/CAP.jsonl,
 DATA/corpus.bin; writes OUT/model.pt, config.json, metrics.jsonl and checkpoint.pt (a
 restarted run resumes exactly).
@@ -30,6 +33,8 @@ restarted run resumes exactly).
     python sft.py --init runs/tiny/rl-soup --out runs/tiny/bon --best-of-n 4 --reward-model runs/tiny/reward
     python sft.py --capability code --init runs/tiny/sft-code-stage1 --best-of-n 4 --verified
     torchrun --nproc_per_node 8 sft.py --capability code --init runs/r7b/instruct --data data/real
+    torchrun --nproc_per_node 8 sft.py --init runs/r7b/rl-soup --out runs/r7b/bon --best-of-n 4 \\
+        --reward-model runs/r7b/reward --data data/real
 """
 
 import math
@@ -39,16 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (SFT_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argument_parser, autocast,
-                    build_model, drop_too_long, generation_model, l2_to_init, load_checkpoint, lr_factor,
-                    make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model, set_lr,
-                    teardown, to_device)
+from common import (SFT_LR_SCALE, Logger, Runtime, add_run_flags, all_gather_objects, all_reduce_sum,
+                    argument_parser, autocast, build_model, drop_too_long, generate_sharded, generation_model,
+                    l2_to_init, load_checkpoint, lr_factor, make_optimizer, open_stage, optimizer_step,
+                    rank_seed, save_checkpoint, save_model, set_lr, teardown, to_device)
 from data import (END_OF_TURN, IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence,
                   record_indices, render, render_prompt, shard_batch)
 from records import read_jsonl
 from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores,
                       verifier_rewards)
-from model import generate
 from tasks import CAPABILITIES
 
 # Each capability's Appendix B LRs (before SFT_LR_SCALE) and weight decay; tiny steps, batch (conversations)
@@ -203,29 +207,37 @@ def prompt_of(record: dict) -> list[dict]:
 
 
 def best_of_n(model, enc, prompts: list[list[dict]], n: int, score_fn, max_new_tokens: int,
-              temperature: float, top_p: float, generator: torch.Generator, batch_size: int = 16,
-              min_score: float | None = None) -> tuple[list, list[float]]:
+              temperature: float, top_p: float, generator: torch.Generator, runtime: Runtime,
+              batch_size: int = 16, min_score: float | None = None) -> tuple[list, list[float]]:
     """Best-of-N (§3.5): n samples per prompt, ranked by score_fn(i, completions) -> list of floats, for
     prompts[i] (a completion is the token ids sampled after data.render_prompt). Returns the (ids, loss mask)
-    training sequences of each prompt's highest-scored sample, and those scores. Only samples that end their
-    turn are candidates (SFT on one cut at the length limit teaches the model not to stop); a prompt without
-    one, or whose best scores below `min_score`, is left out."""
-    sequences, best_scores, end_of_turn = [], [], enc.encode_single_token(END_OF_TURN)
-    for start in range(0, len(prompts), batch_size):
-        prompt_ids = [render_prompt(enc, messages) for messages in prompts[start:start + batch_size]]
-        samples = generate(model, [ids for ids in prompt_ids for _ in range(n)], max_new_tokens, temperature,
-                           top_p, chat_stop_tokens(enc), generator)
-        for i, ids in enumerate(prompt_ids):
-            candidates = [c for c in samples[i * n:(i + 1) * n] if c and c[-1] == end_of_turn]
-            if not candidates:
+    training sequences of each prompt's highest-scored sample, and those scores, in prompt order. Only
+    samples that end their turn are candidates (SFT on one cut at the length limit teaches the model not to
+    stop); a prompt without one, or whose best scores below `min_score`, is left out.
+
+    Under FSDP rank r samples and scores prompts r, r + P, r + 2P, ... (P processes) with its own generator,
+    and every rank returns every rank's picks. The list is padded to a multiple of P with repeats, whose
+    samples are dropped, so that all ranks generate as many batches (generate_sharded)."""
+    end_of_turn, world = enc.encode_single_token(END_OF_TURN), runtime.world_size
+    mine = range(runtime.rank, math.ceil(len(prompts) / world) * world, world)
+    picks = []   # (prompt index, sequence, score)
+    for start in range(0, len(mine), batch_size):
+        indices = mine[start:start + batch_size]
+        prompt_ids = [render_prompt(enc, prompts[i % len(prompts)]) for i in indices]
+        samples = generate_sharded(model, [ids for ids in prompt_ids for _ in range(n)], max_new_tokens,
+                                   temperature, top_p, chat_stop_tokens(enc), generator, runtime)
+        for row, (i, ids) in enumerate(zip(indices, prompt_ids)):
+            candidates = [c for c in samples[row * n:(row + 1) * n] if c and c[-1] == end_of_turn]
+            if i >= len(prompts) or not candidates:
                 continue
-            scores = score_fn(start + i, candidates)
+            scores = score_fn(i, candidates)
             best = max(range(len(candidates)), key=lambda j: scores[j])
             if min_score is not None and scores[best] < min_score:
                 continue
-            sequences.append(prompt_completion_sequence(ids, candidates[best]))
-            best_scores.append(float(scores[best]))
-    return sequences, best_scores
+            picks.append((i, prompt_completion_sequence(ids, candidates[best]), float(scores[best])))
+    picks = sorted((pick for rank_picks in all_gather_objects(picks, runtime) for pick in rank_picks),
+                   key=lambda pick: pick[0])
+    return [sequence for _, sequence, _ in picks], [score for _, _, score in picks]
 
 
 # -----------------------------------------------------------------------------
@@ -256,13 +268,14 @@ def main(argv=None):
             reward_model = load_reward_model(args.reward_model, runtime.device)
             score_fn = lambda i, completions: reward_model_scores(  # noqa: E731
                 reward_model, enc, prompts[i], completions)
-        generator = torch.Generator(runtime.device).manual_seed(args.seed)  # every rank samples the same set
-        sequences, best_scores = best_of_n(generation_model(model, args.init, runtime), enc, prompts,
-                                           args.best_of_n, score_fn, max_new_tokens, args.temperature,
-                                           args.top_p, generator, min_score=1.0 if args.verified else None)
-        print(f"best-of-{args.best_of_n}: {len(sequences)} of {len(prompts)} prompts with a sample that ends "
-              f"its turn{' and passes' if args.verified else ''}, mean best reward "
-              f"{np.mean(best_scores) if best_scores else float('nan'):.3f}")
+        generator = torch.Generator(runtime.device).manual_seed(rank_seed(args.seed, runtime))
+        sequences, best_scores = best_of_n(model, enc, prompts, args.best_of_n, score_fn, max_new_tokens,
+                                           args.temperature, args.top_p, generator, runtime,
+                                           min_score=1.0 if args.verified else None)
+        if runtime.is_main:
+            print(f"best-of-{args.best_of_n}: {len(sequences)} of {len(prompts)} prompts with a sample that "
+                  f"ends its turn{' and passes' if args.verified else ''}, mean best reward "
+                  f"{np.mean(best_scores) if best_scores else float('nan'):.3f}")
         if not sequences:   # nothing to imitate: the model goes on unchanged
             args.steps = 0
         elif args.verified:   # stage 1's mix: as many other capabilities' conversations (--cross-domain)

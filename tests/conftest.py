@@ -48,3 +48,13 @@ def save_parent(folder, enc, world, seed=0):
 @pytest.fixture(scope="session")
 def parent(world, enc, tmp_path_factory):
     return save_parent(tmp_path_factory.mktemp("parent"), enc, world)
+
+
+def save_reward_model(folder, parent):
+    """A reward.py --out folder: the parent's weights as the trunk and a random head."""
+    folder.mkdir()
+    for name in ("model.pt", "config.json"):
+        (folder / name).write_bytes((parent / name).read_bytes())
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(SMALL["dim"], 1, bias=False).state_dict(), folder / "head.pt")
+    return folder

@@ -11,7 +11,7 @@ import torch
 import common
 import copg
 import evaluate
-from conftest import SMALL
+from conftest import save_reward_model
 from copg import copg_loss
 from data import load_tokenizer, render_completion
 from records import read_jsonl
@@ -161,26 +161,25 @@ def test_online_copg_with_the_verifier_replay_and_regularisers_runs_end_to_end(w
 
 
 def test_a_restarted_online_run_resumes_exactly(world, parent, tmp_path):
-    """Sampling is seeded by the step, so two steps, then a restart to four, equal four steps straight."""
-    common_args = ["--capability", "math", "--mode", "online", "--k", "2", "--max-new-tokens", "6",
-                   "--lr", "1e-3", "--data", str(world), "--init", str(parent), "--batch-size", "2",
-                   "--eval-batch-size", "4", "--device", "cpu"]
+    """Sampling is seeded by the step and the replay buffer is saved with the checkpoint, so two steps, then a
+    restart to four, equal four steps straight (rewards from a reward model: every step moves the weights)."""
+    common_args = ["--capability", "instruct", "--k", "2", "--max-new-tokens", "6", "--lr", "1e-3",
+                   "--reward", f"rm:{save_reward_model(tmp_path / 'reward', parent)}", "--replay-size", "4",
+                   "--replay-batch", "1", "--data", str(world), "--init", str(parent), "--batch-size", "2",
+                   "--no-eval", "--device", "cpu"]
     copg.main([*common_args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "2"])
+    assert len(common.load_rank_state(tmp_path / "resumed", common.setup("cpu"))) == 4  # 2 steps x 2 groups
     copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "4"])
-    straight, resumed = (torch.load(tmp_path / run / "model.pt", weights_only=True)
-                         for run in ("straight", "resumed"))
+    init, straight, resumed = (torch.load(path / "model.pt", weights_only=True)
+                               for path in (parent, tmp_path / "straight", tmp_path / "resumed"))
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert not all(torch.equal(straight[name], init[name]) for name in straight)
 
 
 def test_online_copg_with_reward_model_rewards_runs(world, parent, tmp_path):
     """--reward rm:PATH scores samples with reward.py's model (here: the parent's trunk and a random head)."""
-    reward_folder = tmp_path / "reward"
-    reward_folder.mkdir()
-    for name in ("model.pt", "config.json"):
-        (reward_folder / name).write_bytes((parent / name).read_bytes())
-    torch.manual_seed(0)
-    torch.save(torch.nn.Linear(SMALL["dim"], 1, bias=False).state_dict(), reward_folder / "head.pt")
+    reward_folder = save_reward_model(tmp_path / "reward", parent)
     lines = run(world, parent, tmp_path / "run", "--capability", "instruct", "--k", "2",
                 "--max-new-tokens", "6", "--reward", f"rm:{reward_folder}")
     rewards = [line["reward"] for line in lines if "loss" in line]

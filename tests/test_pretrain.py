@@ -248,6 +248,7 @@ def test_cooldown_run_feeds_long_batches_with_the_same_tokens_per_step(data, tmp
 
 # --- several processes (torchrun, gloo) -------------------------------------------------------------------
 
+@pytest.mark.torchrun
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(data, parent, reference, tmp_path):
     """2 ranks x 2 rows = 1 rank x 4 rows, the same rows in the same order; fp32 losses agree to 1e-5 (the
     reductions add in another order). The 2-rank checkpoint then resumes in one process."""
@@ -257,6 +258,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(data, paren
     assert losses(resumed) == pytest.approx(losses(reference), abs=1e-5)
 
 
+@pytest.mark.torchrun
 def test_hsdp_mesh_resumes_a_one_process_checkpoint(data, parent, reference, tmp_path):
     """A 2 x 1 (replicate x shard) mesh, with activation recomputation under FSDP too."""
     run(data, tmp_path, "--init", str(parent), "--steps", "3")

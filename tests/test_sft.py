@@ -81,7 +81,7 @@ def test_best_of_n_trains_on_the_highest_scored_sample_that_ends_its_turn(world,
             sampled.append([[5 + prompt, 6 + j] + ([end] if ends(j) else []) for j in range(4)])
         return [ids for samples in sampled[-(len(rows) // 4):] for ids in samples]
 
-    monkeypatch.setattr(sft, "generate", fake_generate)
+    monkeypatch.setattr(sft, "generate_sharded", fake_generate)
     seen = []
 
     def score_fn(i, completions):
@@ -91,7 +91,8 @@ def test_best_of_n_trains_on_the_highest_scored_sample_that_ends_its_turn(world,
         return scores
 
     sequences, best_scores = sft.best_of_n(model, enc, prompts, 4, score_fn, 12, 1.0, 1.0,
-                                           torch.Generator().manual_seed(0), batch_size=2)
+                                           torch.Generator().manual_seed(0), common.setup("cpu"),
+                                           batch_size=2)
     assert len(sequences) == len(seen) == len(prompts) - 1
     for (ids, mask), (completions, scores), best, samples in zip(sequences, seen, best_scores, sampled):
         assert completions == [samples[0], samples[2]]   # the ended samples only
@@ -118,7 +119,7 @@ def test_verified_best_of_n_trains_only_on_samples_that_pass_the_verifier(world,
             completions += [render_completion(enc, record["messages"], f"Answer: {a}")[1] for a in answers]
         return completions
 
-    monkeypatch.setattr(sft, "generate", fake_generate)
+    monkeypatch.setattr(sft, "generate_sharded", fake_generate)
     out = tmp_path / "stage2"
     sft.main(["--data", str(world), "--init", str(parent), "--out", str(out), "--capability", "math",
               "--best-of-n", "2", "--verified", "--best-of-n-prompts", "6", "--steps", "1",
