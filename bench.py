@@ -6,7 +6,7 @@ Benchmarks (figures in RESULTS.md):
                                                  KV-cache bytes
     python bench.py merge [--models 7 --preset small]   peak memory of merge.py's streaming merge of N
                                                         checkpoints
-    python bench.py import [--preset small --shards 5]  peak memory of `model.py --from-hf` on a random
+    python bench.py import [--preset small --shards 5]  peak memory of `hf.py --from-hf` on a random
                                                         sharded bf16 Cohere2 checkpoint
 
 Each prints ratios against a baseline measured in the same run (`model` alternates ours, theirs, ours, ...,
@@ -123,7 +123,7 @@ def bench_merge(n_models: int, preset: str):
 
 def bench_import(preset: str, n_shards: int):
     """Peak memory of importing a random Cohere2 checkpoint of a preset, saved as on the Hub (bf16 safetensors
-    in n_shards shards, and a tokenizer.json), with `python model.py --from-hf`, against the size of the fp32
+    in n_shards shards, and a tokenizer.json), with `python hf.py --from-hf`, against the size of the fp32
     model.pt it writes."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

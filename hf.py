@@ -9,9 +9,8 @@ read into this project's model and tiktoken encoding.
 - The tokenizer: `hf_tokenizer` converts a byte-level BPE tokenizer.json such as Cohere's into a tiktoken
   Encoding with the same ids, exactly or not at all; data.load_tokenizer calls it on any tokenizer.json.
 
-    python model.py --from-hf DIR --out OUT    a Hugging Face Cohere2 checkpoint -> OUT/model.pt, config.json,
-                                               tokenizer.json: a stage's --out, for the next one's --init
-                                               (the command is this file's main: python hf.py, the same)
+    python hf.py --from-hf DIR --out OUT    a Hugging Face Cohere2 checkpoint -> OUT/model.pt, config.json,
+                                            tokenizer.json: a stage's --out, for the next one's --init
 
 transformers (build_pair) and safetensors (import_cohere2) are imported by the one function that needs them.
 """

@@ -18,11 +18,8 @@ from one rule, `attention_rule`.
 Also here: FP8 block matmuls with dynamic tensorwise scaling (§2.4.1), the KV-cache generator in which
 sliding-window layers keep a rolling buffer of `window` keys, and parameter and FLOP counts that need no
 allocation (the 111B preset builds on the meta device). `python bench.py model` times it against
-transformers' Cohere2ForCausalLM.
-
-    python model.py --from-hf DIR --out OUT    a Hugging Face Cohere2 checkpoint -> OUT/model.pt, config.json,
-                                               tokenizer.json: a stage's --out, for the next one's --init
-                                               (hf.py: the import, and transformers' model with our weights)
+transformers' Cohere2ForCausalLM. A Hugging Face Cohere2 checkpoint becomes a stage's --out with
+`python hf.py --from-hf DIR --out OUT` (hf.py sits above this file).
 """
 
 import functools
@@ -658,8 +655,3 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         results.append(row[: stops[0] + 1] if stops else row)
     return (results, cache) if return_cache else results
 
-
-if __name__ == "__main__":
-    import hf  # the import's command line lives with the import: python model.py --from-hf is hf.main
-
-    hf.main()

@@ -1,5 +1,5 @@
 """Importing a Hugging Face Cohere2 checkpoint: its tokenizer.json gives Hugging Face's ids through tiktoken
-(data.load_tokenizer), its sharded safetensors give transformers' logits (python model.py --from-hf), and the
+(data.load_tokenizer), its sharded safetensors give transformers' logits (python hf.py --from-hf), and the
 post-training stages run on the imported model with its own tokenizer. Everything is built here, offline:
 a byte-level BPE trained with the `tokenizers` library, Cohere-style, and a random Cohere2ForCausalLM."""
 
@@ -203,7 +203,7 @@ def test_imported_checkpoint_gives_transformers_logits(tokenizer_path, tmp_path)
     hf = save_hf_checkpoint(tmp_path / "hf", tokenizer_path, vocab_size + 24)
     assert len(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]) > 1
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
-    subprocess.run([sys.executable, str(REPO / "model.py"), "--from-hf", str(tmp_path / "hf"), "--out",
+    subprocess.run([sys.executable, str(REPO / "hf.py"), "--from-hf", str(tmp_path / "hf"), "--out",
                     str(tmp_path / "out")], check=True)
     ours, info = common.load_model(tmp_path / "out")
     assert info["stage"] == "import" and info["parent"] == str(tmp_path / "hf")

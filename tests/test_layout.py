@@ -1,8 +1,7 @@
 """The repository stands alone and its modules are layered: model, records, sandbox, world -> hf -> data ->
 verifiers -> capabilities -> tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's
 and copg's phases). A module imports only from layers below its own, so there are no cycles and any import
-order works. A script's entry point (`if __name__ == "__main__":`) runs only when the file is run, never
-when it is imported, so it may call a module above it: `python model.py --from-hf` runs hf.main."""
+order works."""
 
 import ast
 import subprocess
@@ -19,12 +18,9 @@ LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 
 
 def project_imports(path: Path) -> set[str]:
-    """The project modules a file imports, at any depth of its code but its script entry point."""
-    tree = ast.parse(path.read_text())
-    tree.body = [node for node in tree.body
-                 if not (isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'")]
+    """The project modules a file imports, at any depth of its code."""
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
