@@ -1,15 +1,9 @@
-"""Plumbing shared by every stage: distribution, precision, optimizer and LR schedule, checkpoints, logging,
-and the training helpers two or more stages need (packed log-probs, the reference log-prob cache, the SFT
-regulariser).
+"""Plumbing shared by every stage: precision, optimizer and LR schedule, checkpoints, logging, and the
+training helpers two or more stages need (packed log-probs, the reference log-prob cache, the SFT
+regulariser). It builds on distributed.py: the process group and the FSDP2 sharding.
 
-Report §2.4.1 (FSDP, bf16/FP8 with fp32 master weights and optimizer state) and §2.5 (linear cooldown).
-Stage scripts call these functions and never touch process groups themselves.
+Report §2.4.1 (bf16/FP8 with fp32 master weights and optimizer state) and §2.5 (linear cooldown).
 
-- Distribution: `setup()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK). One process needs no
-  process group; several use gloo on CPU and NCCL on GPU, and the model is sharded with FSDP2: `fully_shard`
-  per block, then the root. `--replicate R` makes a 2-D (replicate x shard) mesh: HSDP, the report's DP and
-  FSDP axes. On GPU, FSDP2 gathers parameters in bf16 and reduces gradients in fp32; master weights and AdamW
-  state stay fp32 everywhere.
 - Checkpoints are full (unsharded) state dicts gathered to rank 0 and written atomically (temporary file, then
   rename), so a checkpoint written at one world size loads at any other (per-rank state, such as online CoPG's
   replay buffers, only at the same). Simple and exact; past a few tens of billions of parameters rank 0's
@@ -26,8 +20,7 @@ import os
 import sys
 import textwrap
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +28,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import load_tokenizer, pack, record_indices, render
+from distributed import Runtime, all_gather_objects, autocast, setup, shard_model
 from records import read_sft_data
-from model import Config, Transformer, generate
+from model import Config, Transformer
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
 
@@ -53,83 +45,6 @@ H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU: the denominator of MFU
 # (RESULTS.md). Both keep Appendix B's ratios between capabilities.
 PREF_LR_SCALE = 12
 SFT_LR_SCALE = 48
-
-
-# -----------------------------------------------------------------------------
-# Device and process group
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: its rank in the world, its device, and the FSDP mesh (None in one process)."""
-    rank: int
-    world_size: int
-    device: torch.device
-    mesh: DeviceMesh | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup(device: str = "auto", replicate: int = 1) -> Runtime:
-    """Pick the device and, under torchrun, join the process group and build the (replicate x shard) mesh."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    device = torch.device(device)
-    if world_size % replicate:
-        raise ValueError(f"--replicate {replicate} must divide the world size {world_size}")
-    mesh = None
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        shape, names = ((world_size,), ("shard",)) if replicate == 1 else \
-            ((replicate, world_size // replicate), ("replicate", "shard"))
-        mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
-    return Runtime(rank, world_size, device, mesh)
-
-
-def teardown(runtime: Runtime):
-    """Leave the process group. The barrier matters: without it gloo sometimes aborts at exit."""
-    if runtime.mesh is not None:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(value: float, runtime: Runtime) -> float:
-    """The sum of `value` over all ranks (the value itself in one process)."""
-    if runtime.mesh is None:
-        return float(value)
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor)
-    return tensor.item()
-
-
-def all_gather_objects(obj, runtime: Runtime) -> list:
-    """[rank 0's obj, rank 1's obj, ...] on every rank ([obj] in one process): picklable Python objects."""
-    if runtime.mesh is None:
-        return [obj]
-    gathered = [None] * runtime.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def rank_seed(seed: int, runtime: Runtime) -> int:
-    """A sampling seed for this rank: `seed` itself on rank 0 (and so in one process), `seed` + rank x 2^32
-    on the others, so that ranks draw different samples, and a resumed run the same ones."""
-    return seed + (runtime.rank << 32)
-
-
-def autocast(runtime: Runtime):
-    """bf16 autocast on GPU (matmuls in bf16; model.py keeps norms, softmax and logits in fp32); fp32 on
-    CPU."""
-    if runtime.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -162,18 +77,6 @@ def build_model(config: Config, runtime: Runtime, init: str | None = None, seed:
         set_state_dict(model, [], model_state_dict=state_dict, optim_state_dict={},
                        options=StateDictOptions(full_state_dict=True))
     return model
-
-
-def shard_model(model: Transformer, runtime: Runtime):
-    """FSDP2: each block is one unit whose parameters are gathered just before it runs, then the root (the
-    embedding and final norm). On GPU the gathered parameters are bf16 and gradients are reduced in fp32."""
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if runtime.device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mesh=runtime.mesh, mp_policy=precision)
-    fully_shard(model, mesh=runtime.mesh, mp_policy=precision)
-    for method in ("loss", "hidden_states"):  # FSDP hooks forward() only; stages call these directly
-        register_fsdp_forward_method(model, method)
 
 
 def model_path(path) -> Path:
@@ -255,29 +158,6 @@ def generation_model(model: Transformer, path, runtime: Runtime) -> Transformer:
     """The model itself in one process; under FSDP a whole copy loaded from `path`: for the evaluations that
     rank 0 runs alone (sampling inside a training step uses generate_sharded on every rank)."""
     return model if runtime.mesh is None else load_model(path, runtime.device)[0]
-
-
-def generate_sharded(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                     top_p: float, stop_tokens, generator: torch.Generator,
-                     runtime: Runtime) -> list[list[int]]:
-    """model.generate of this rank's prompts with the model being trained, sharded under FSDP: what online
-    CoPG and best-of-N sample with, each rank its own prompts. Every rank must call it as many times.
-
-    Under FSDP each block's forward gathers its weights from all ranks, as in training, so no rank ever holds
-    more than one block beyond its shards: what a model too big for one device needs (gathering a whole copy
-    per rank, the simple alternative, would not fit at full size). The gathers are collective, so every rank
-    runs the same number of forwards: all of them decode until every rank's rows are done (an all-reduce of
-    one flag per token). The root's weights (embedding, final norm) are gathered once for the whole call:
-    generate computes logits outside any forward. The gathered weights are the same numbers, so a rank
-    samples what one process would from the same prompts and generator (exactly on CPU; on GPU FSDP gathers
-    bf16 weights)."""
-    if runtime.mesh is None:
-        return generate(model, prompts, max_new_tokens, temperature, top_p, stop_tokens, generator)
-    model.unshard()
-    completions = generate(model, prompts, max_new_tokens, temperature, top_p, stop_tokens, generator,
-                           everyone_done=lambda done: all_reduce_sum(not done, runtime) == 0)
-    model.reshard()   # frees the gathered root; model.parameters() are the shards again (the L2 penalty's)
-    return completions
 
 
 def l2_to_init(params, init_params, weight: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ How this differs from the report:
 2. Online rewards: the verifiers (verifiers.verifier_reward) or a reward model (--reward rm:PATH, a whole
    copy on every process).
 
-Under torchrun each process samples its own prompts with the sharded model (common.generate_sharded),
+Under torchrun each process samples its own prompts with the sharded model (distributed.generate_sharded),
 scores them where they are and keeps its own replay buffer (saved with the checkpoint): a step on P processes
 is one process's step on P x --batch-size prompts, but for the samples drawn.
 
@@ -34,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-from common import (PREF_LR_SCALE, Logger, Runtime, add_run_flags, all_reduce_sum, argument_parser,
-                    build_model, drop_too_long, generate_sharded, generation_model, l2_to_init,
-                    load_checkpoint, load_rank_state, lr_factor, make_optimizer, open_stage, optimizer_step,
-                    packed_logps, rank_seed, reference_logps, save_checkpoint, save_model, set_lr,
-                    sft_sequences, sft_step_loss, teardown)
+from common import (PREF_LR_SCALE, Logger, add_run_flags, argument_parser, build_model, drop_too_long,
+                    generation_model, l2_to_init, load_checkpoint, load_rank_state, lr_factor, make_optimizer,
+                    open_stage, optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model,
+                    set_lr, sft_sequences, sft_step_loss)
 from data import (chat_stop_tokens, prompt_completion_sequence, record_indices,
                   render_completion, render_prompt)
 from records import read_jsonl
-from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores,
-                      verifier_rewards)
+from distributed import Runtime, all_reduce_sum, generate_sharded, rank_seed, teardown
+from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, verifier_rewards
+from judges import load_reward_model, reward_model_scores
 from tasks import CAPABILITIES
 
 # Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE)
@@ -89,7 +89,7 @@ def sample_groups(model, enc, records: list[dict], k: int, max_new_tokens: int, 
 
 def reward_model_rewards(reward_model, enc, records: list[dict], completions: list[list[int]],
                          k: int) -> torch.Tensor:
-    """evaluate.reward_model_scores of each completion [n_records, k]."""
+    """judges.reward_model_scores of each completion [n_records, k]."""
     return torch.tensor([reward_model_scores(reward_model, enc, record["messages"],
                                              completions[i * k:(i + 1) * k])
                          for i, record in enumerate(records)], dtype=torch.float32)

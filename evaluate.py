@@ -1,6 +1,6 @@
 """
 Evaluation (report §4) and the inference every stage shares: greedy and sampled replies, SRPO
-self-refinement (§3.2.2.1), and loading and scoring with a reward model (§3.2.3).
+self-refinement (§3.2.2.1). The judges of a reply, the reward model and the gold judge, are judges.py's.
 
 - Capabilities: greedy replies to DATA/eval/CAP.jsonl graded by verifiers.grade (HEADLINE: the metric each is
   judged on). Every reply also counts toward "format", the share of replies that end their turn. A math
@@ -37,18 +37,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from common import Runtime, all_reduce_sum, autocast, load_model, model_path, to_device, write_json
+from common import load_model, model_path, to_device, write_json
 from data import (BOS, END_OF_TURN, IGNORE, SPECIAL_TOKENS, START_ACTION, START_THINKING, chat_stop_tokens,
-                  load_tokenizer, open_shard, pack, pair_batch, parse_reply, prompt_completion_sequence,
-                  render_completion, render_prompt, shard_batch)
+                  load_tokenizer, open_shard, parse_reply, render_completion, render_prompt, shard_batch)
+from distributed import Runtime, all_reduce_sum, autocast
+from judges import gold_win_rate, load_reward_model, pairwise_accuracy, reply_text, win_rate
 from records import read_jsonl
 from model import generate
 from sandbox import run_python
 from tasks import CAPABILITIES
-from verifiers import CODE_BLOCK, gold_reward, grade, parse_tool_calls, run_tool, verifier_reward
+from verifiers import CODE_BLOCK, grade, parse_tool_calls, run_tool, verifier_reward
 
 # The metric each capability is judged on (a key of verifiers.grade's result) and how long its replies may get
 HEADLINE = {"instruct": "if_score", "rag": "reward", "multilingual": "exact", "code": "pass@1",
@@ -60,12 +59,6 @@ WIN_PROMPTS = 16   # the win rates' prompts: the first 16 eval records of each c
 # conversation, the draft y′ as the chatbot's reply, then this user turn; the revision follows (no new
 # tokens).
 REVISION_REQUEST = "Revise your reply: keep what is right, fix what is wrong, and follow every instruction."
-
-
-def reply_text(reply: dict) -> str:
-    """What the verifiers read of a parsed reply: its tool calls (action) then its response, as
-    verifiers.completion_text writes a chatbot message; the thinking is not graded."""
-    return " ".join(part for part in (reply["action"], reply["response"]) if part)
 
 
 def chatbot_message(reply: dict, calls: list | None = None) -> dict:
@@ -376,97 +369,7 @@ def chat(model, enc, lines, out, system: str | None = None, max_new_tokens: int 
 
 
 # -----------------------------------------------------------------------------
-# The reward model (§3.2.3): trained by reward.py, used by best-of-N, CoPG with RM rewards and evaluation
-
-
-class RewardModel(nn.Module):
-    """A transformer trunk and a scalar head, Linear(dim, 1) without bias, on the final (normed) hidden state
-    of each sequence's last token (the END_OF_TURN that closes the reply)."""
-
-    def __init__(self, trunk, head: nn.Linear):
-        super().__init__()
-        self.trunk, self.head, self.config = trunk, head, trunk.config
-
-    def forward(self, tokens, doc_ids, positions, last) -> torch.Tensor:
-        """Rewards [n_sequences] of a packed batch; last[i] = flat index of sequence i's last token."""
-        hidden = self.trunk.hidden_states(tokens, doc_ids, positions).flatten(0, 1)
-        return self.head(hidden[last]).squeeze(-1).float()
-
-
-def reward_loss(chosen_rewards, rejected_rewards, labels) -> torch.Tensor:
-    """Mean over pairs of −p log σ(r_w − r_l) − (1 − p) log σ(r_l − r_w): Bradley–Terry with soft labels p."""
-    margin = chosen_rewards - rejected_rewards
-    return -(labels * F.logsigmoid(margin) + (1 - labels) * F.logsigmoid(-margin)).mean()
-
-
-def load_reward_model(path, device="cpu") -> RewardModel:
-    """A reward.py --out folder (model.pt + head.pt + config.json) as a RewardModel in eval mode."""
-    trunk, info = load_model(path, device)
-    head_path = model_path(path).with_name("head.pt")
-    if not head_path.is_file():
-        raise FileNotFoundError(f"{head_path}: no reward head; is {path} the --out of reward.py?")
-    head = nn.Linear(trunk.config.dim, 1, bias=False, device=device)
-    head.load_state_dict(torch.load(head_path, map_location=device, weights_only=True))
-    return RewardModel(trunk, head).eval()
-
-
-@torch.no_grad()
-def reward_model_scores(reward_model: RewardModel, enc, messages: list[dict], completions: list,
-                        batch_size: int = 64) -> list[float]:
-    """Rewards of completions to one prompt. A completion is the response text, a chatbot message, or the
-    token ids a model sampled after data.render_prompt (what model.generate returns). Packed, batch_size at a
-    time."""
-    device = reward_model.head.weight.device
-    sequences = []
-    for completion in completions:
-        if isinstance(completion, (str, dict)):
-            sequences.append(prompt_completion_sequence(*render_completion(enc, messages, completion)))
-        else:
-            sequences.append(prompt_completion_sequence(render_prompt(enc, messages), list(completion)))
-    rewards = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        batch = to_device(pack(enc, chunk, max(reward_model.config.max_seq_len,
-                                               max(len(ids) for ids, _ in chunk))), device)
-        rewards += reward_model(batch["tokens"], batch["doc_ids"], batch["positions"], batch["last"]).tolist()
-    return rewards
-
-
-@torch.no_grad()
-def pairwise_accuracy(reward_model: RewardModel, enc, records: list[dict], seq_len: int,
-                      batch_size: int = 32) -> tuple[float, float]:
-    """(share of pairs with r_chosen > r_rejected, mean reward_loss) over preference records."""
-    correct, loss = 0.0, 0.0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        batch = to_device(pair_batch(enc, chunk, seq_len), reward_model.head.weight.device)
-        rewards = reward_model(batch["tokens"], batch["doc_ids"], batch["positions"], batch["last"])
-        correct += (rewards[0::2] > rewards[1::2]).sum().item()
-        loss += reward_loss(rewards[0::2], rewards[1::2], batch["labels"]).item() * len(chunk)
-    return correct / len(records), loss / len(records)
-
-
-def win_rate(reward_model, enc, records: list[dict], replies: list[dict],
-             reference_replies: list[dict]) -> float:
-    """Share of prompts on which the reward model scores our reply above the reference's (ties count half)."""
-    wins = 0.0
-    for record, ours, theirs in zip(records, replies, reference_replies):
-        if reply_text(ours) == reply_text(theirs):  # a tie, whatever rounding the packed scoring adds
-            wins += 0.5
-            continue
-        ours_reward, theirs_reward = reward_model_scores(reward_model, enc, record["messages"],
-                                                         [reply_text(ours), reply_text(theirs)])
-        wins += 1.0 if ours_reward > theirs_reward else 0.5 if ours_reward == theirs_reward else 0.0
-    return wins / len(records)
-
-
-def gold_win_rate(records: list[dict], replies: list[dict], reference_replies: list[dict]) -> float:
-    """Share of prompts on which the gold judge scores our reply above the reference's (ties count half)."""
-    score = lambda record, reply: gold_reward(record, reply_text(reply), reply["ended"])
-    with ThreadPoolExecutor() as pool:   # code replies run in sandboxes
-        ours = list(pool.map(score, records, replies))
-        theirs = list(pool.map(score, records, reference_replies))
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(records)
+# The win rates' replies, the pipeline table and the command line
 
 
 def win_replies(model, enc, records: dict, batch_size: int) -> list[dict]:

@@ -603,7 +603,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# no_grad, not inference_mode: under FSDP (common.generate_sharded) the buffers the weights are gathered
+# no_grad, not inference_mode: under FSDP (distributed.generate_sharded) the buffers the weights are gathered
 # into outlive the call, and training's gathers write into them, which an inference tensor forbids
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,

@@ -41,8 +41,8 @@ import prefopt
 from common import argument_parser, load_model, write_json
 from data import chat_stop_tokens, load_tokenizer, parse_reply, render_prompt
 from records import check_completion, read_jsonl
-from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability, gold_win_rate,
-                      load_reward_model, reward_model_scores, win_rate)
+from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability
+from judges import gold_win_rate, load_reward_model, reward_model_scores, win_rate
 from model import generate
 from tasks import CAPABILITIES
 from verifiers import parse_tool_calls, verifier_reward

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (PREF_LR_SCALE, Logger, add_run_flags, all_reduce_sum, argument_parser, build_model,
-                    drop_too_long, generation_model, load_checkpoint, lr_factor, make_optimizer, open_stage,
-                    optimizer_step, packed_logps, reference_logps, save_checkpoint, save_model, set_lr,
-                    sft_sequences, sft_step_loss, teardown)
+from common import (PREF_LR_SCALE, Logger, add_run_flags, argument_parser, build_model, drop_too_long,
+                    generation_model, load_checkpoint, lr_factor, make_optimizer, open_stage, optimizer_step,
+                    packed_logps, reference_logps, save_checkpoint, save_model, set_lr, sft_sequences,
+                    sft_step_loss)
 from data import prompt_completion_sequence, record_indices, render_completion
 from records import read_jsonl
+from distributed import all_reduce_sum, teardown
 from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, evaluate_refinement, revision_prompt
 from tasks import CAPABILITIES
 from verifiers import REFUSAL, completion_text

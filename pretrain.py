@@ -27,11 +27,12 @@ checkpoint.pt: restarted on the same --out it resumes exactly, under any number 
 from dataclasses import replace
 from pathlib import Path
 
-from common import (Logger, add_run_flags, all_reduce_sum, argument_parser, autocast, build_model,
-                    load_checkpoint, load_config, lr_factor, make_optimizer, optimizer_step, print_settings,
-                    save_checkpoint, save_model, set_lr, setup, teardown, to_device, write_config)
+from common import (Logger, add_run_flags, argument_parser, build_model, load_checkpoint, load_config,
+                    lr_factor, make_optimizer, optimizer_step, print_settings, save_checkpoint, save_model,
+                    set_lr, to_device, write_config)
 from data import IGNORE, load_tokenizer, open_shard, shard_batch
 from records import read_jsonl
+from distributed import all_reduce_sum, autocast, setup, teardown
 from evaluate import copy_accuracy, validation_loss
 from model import PRESETS, Config
 

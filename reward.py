@@ -1,6 +1,6 @@
 """
 Bradley–Terry reward model with soft labels (report §3.2.3), trained in two stages on packed preference pairs.
-A scalar head reads the final hidden state of each reply's last token: r = head(h_last), evaluate.RewardModel.
+A scalar head reads the final hidden state of each reply's last token: r = head(h_last), judges.RewardModel.
 
     loss = −p log σ(r_w − r_l) − (1 − p) log σ(r_l − r_w)        (p = P(y_w ≻ y_l), a soft label)
 
@@ -27,12 +27,13 @@ import torch.nn as nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import (Logger, add_run_flags, argument_parser, atomic_save, autocast, build_model,
-                    load_checkpoint, lr_factor, make_optimizer, open_stage, optimizer_step, save_checkpoint,
-                    save_model, set_lr, teardown, to_device)
+from common import (Logger, add_run_flags, argument_parser, atomic_save, build_model, load_checkpoint,
+                    lr_factor, make_optimizer, open_stage, optimizer_step, save_checkpoint, save_model,
+                    set_lr, to_device)
 from data import pair_batch, record_indices
 from records import read_jsonl
-from evaluate import RewardModel, pairwise_accuracy, reward_loss
+from distributed import autocast, teardown
+from judges import RewardModel, pairwise_accuracy, reward_loss
 
 
 def parse_args(argv=None):

@@ -44,15 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (SFT_LR_SCALE, Logger, Runtime, add_run_flags, all_gather_objects, all_reduce_sum,
-                    argument_parser, autocast, build_model, drop_too_long, generate_sharded, generation_model,
-                    l2_to_init, load_checkpoint, lr_factor, make_optimizer, open_stage, optimizer_step,
-                    rank_seed, save_checkpoint, save_model, set_lr, teardown, to_device)
+from common import (SFT_LR_SCALE, Logger, add_run_flags, argument_parser, build_model, drop_too_long,
+                    generation_model, l2_to_init, load_checkpoint, lr_factor, make_optimizer, open_stage,
+                    optimizer_step, save_checkpoint, save_model, set_lr, to_device)
 from data import (END_OF_TURN, IGNORE, chat_stop_tokens, open_shard, pack, prompt_completion_sequence,
                   record_indices, render, render_prompt, shard_batch)
 from records import read_jsonl
-from evaluate import (EVAL_MAX_NEW_TOKENS, evaluate_capability, load_reward_model, reward_model_scores,
-                      verifier_rewards)
+from distributed import (Runtime, all_gather_objects, all_reduce_sum, autocast, generate_sharded, rank_seed,
+                         teardown)
+from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, verifier_rewards
+from judges import load_reward_model, reward_model_scores
 from tasks import CAPABILITIES
 
 # Each capability's Appendix B LRs (before SFT_LR_SCALE) and weight decay; tiny steps, batch (conversations)

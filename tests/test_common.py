@@ -1,6 +1,6 @@
-"""common.py: optimizer groups, artifacts that the next stage loads, atomic writes, metrics on resume.
-(Distribution, checkpoints across world sizes and the LR schedule are exercised through pretrain.py in
-test_pretrain.py.)"""
+"""common.py: optimizer groups, artifacts that the next stage loads, atomic writes, metrics on resume; and
+distributed.py in one process. (Distribution, checkpoints across world sizes and the LR schedule are exercised
+through pretrain.py in test_pretrain.py.)"""
 
 import argparse
 import json
@@ -9,21 +9,22 @@ import pytest
 import torch
 
 import common
+import distributed
 import evaluate
 from model import Config, Transformer
 
 CONFIG = Config(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, window=8)
 
 
-def one_process() -> common.Runtime:
-    return common.setup("cpu")
+def one_process() -> distributed.Runtime:
+    return distributed.setup("cpu")
 
 
 def test_setup_without_torchrun_needs_no_process_group():
     runtime = one_process()
     assert (runtime.rank, runtime.world_size, runtime.mesh, runtime.is_main) == (0, 1, None, True)
-    assert common.all_reduce_sum(2.5, runtime) == 2.5
-    common.teardown(runtime)
+    assert distributed.all_reduce_sum(2.5, runtime) == 2.5
+    distributed.teardown(runtime)
 
 
 def test_weight_decay_only_on_block_matrices_and_mup_scales_their_lr():

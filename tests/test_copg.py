@@ -10,6 +10,7 @@ import torch
 
 import common
 import copg
+import distributed
 import evaluate
 from conftest import save_reward_model
 from copg import copg_loss
@@ -169,7 +170,8 @@ def test_a_restarted_online_run_resumes_exactly(world, parent, tmp_path):
                    "--no-eval", "--device", "cpu"]
     copg.main([*common_args, "--out", str(tmp_path / "straight"), "--steps", "4"])
     copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "2"])
-    assert len(common.load_rank_state(tmp_path / "resumed", common.setup("cpu"))) == 4  # 2 steps x 2 groups
+    runtime = distributed.setup("cpu")
+    assert len(common.load_rank_state(tmp_path / "resumed", runtime)) == 4  # 2 steps x 2 groups
     copg.main([*common_args, "--out", str(tmp_path / "resumed"), "--steps", "4"])
     init, straight, resumed = (torch.load(path / "model.pt", weights_only=True)
                                for path in (parent, tmp_path / "straight", tmp_path / "resumed"))

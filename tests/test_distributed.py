@@ -14,6 +14,7 @@ import torch
 
 import common
 import copg
+import distributed
 import prefopt
 import reward
 import sft
@@ -162,7 +163,7 @@ def test_online_copg_in_two_processes_keeps_a_replay_buffer_per_rank_and_resumes
             == [{k: v for k, v in line.items() if k not in timing}
                 for line in metrics(folders, "copg-resumed", 2) if "loss" in line])
     with pytest.raises(ValueError, match="state of 2 processes"):  # the buffers belong to 2 ranks
-        common.load_rank_state(folders["root"] / "copg-online-2", common.setup("cpu"))
+        common.load_rank_state(folders["root"] / "copg-online-2", distributed.setup("cpu"))
 
 
 def test_best_of_n_in_two_processes_trains_on_every_ranks_picks(world, folders, two, capsys):

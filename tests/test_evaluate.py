@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import evaluate
+import judges
 import tasks
 from evaluate import token_bytes
 from data import BOS, load_tokenizer, open_shard, save_tokenizer, train_bpe, write_shard
@@ -187,9 +188,9 @@ def test_gold_win_rate_counts_wins_and_half_ties_by_the_gold_judge():
     theirs = [reply("It is 41 [doc 0]."), reply("Sure! " + right), reply("Sorry, I can't help with that."),
               reply(right, ended=False)]
     records = [rag, rag, safety, rag]
-    assert evaluate.gold_win_rate(records, ours, theirs) == 1.0
-    assert evaluate.gold_win_rate(records, theirs, ours) == 0.0
-    assert evaluate.gold_win_rate(records[:2], [ours[0], theirs[1]], [ours[0], ours[1]]) == 0.25  # tie, loss
+    assert judges.gold_win_rate(records, ours, theirs) == 1.0
+    assert judges.gold_win_rate(records, theirs, ours) == 0.0
+    assert judges.gold_win_rate(records[:2], [ours[0], theirs[1]], [ours[0], ours[1]]) == 0.25  # tie, loss
 
 
 def test_grading_in_parallel_threads_gives_each_record_its_own_grade():

@@ -1,7 +1,7 @@
 """The repository stands alone and its modules are layered: model, records, sandbox, world -> hf -> data ->
-verifiers -> capabilities -> tasks -> common -> evaluate -> stage scripts -> polish (which runs prefopt's
-and copg's phases). A module imports only from layers below its own, so there are no cycles and any import
-order works."""
+verifiers -> capabilities -> tasks -> distributed -> common -> judges -> evaluate -> stage scripts -> polish
+(which runs prefopt's and copg's phases). A module imports only from layers below its own, so there are no
+cycles and any import order works."""
 
 import ast
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [{"model", "records", "sandbox", "world"}, {"hf"}, {"data"}, {"verifiers"}, {"capabilities"},
-          {"tasks"}, {"common"}, {"evaluate"},
+          {"tasks"}, {"distributed"}, {"common"}, {"judges"}, {"evaluate"},
           {"pretrain", "sft", "reward", "prefopt", "copg", "merge", "bench"}, {"polish"}]
 LAYER = {module: i for i, layer in enumerate(LAYERS) for module in layer}
 

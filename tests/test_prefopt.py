@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import distributed
 import evaluate
 import prefopt
 from conftest import save_parent
@@ -202,7 +203,7 @@ def test_srpo_pair_sequences_follow_srpo_revisions_order(enc):
 
 def one_at_a_time(model, enc, sequences, average):
     """Reference log-probs computed independently: one sequence per forward pass."""
-    runtime = common.setup("cpu")
+    runtime = distributed.setup("cpu")
     values = []
     for sequence in sequences:
         sums, counts = common.packed_logps(model, enc, [sequence], 256, runtime)
@@ -212,7 +213,7 @@ def one_at_a_time(model, enc, sequences, average):
 
 @pytest.mark.parametrize("average", [False, True])
 def test_cached_reference_logps_equal_fresh_ones(world, enc, parent, tmp_path, average):
-    model, runtime = common.load_model(parent)[0], common.setup("cpu")
+    model, runtime = common.load_model(parent)[0], distributed.setup("cpu")
     records = read_jsonl(world / "pref" / "instruct.jsonl", "pair")[:4]
     sequences = [s for r in records for s in prefopt.pair_sequences(enc, r, srpo=True)]
     cache = tmp_path / "ref_logps.pt"
@@ -227,7 +228,7 @@ def test_cached_reference_logps_equal_fresh_ones(world, enc, parent, tmp_path, a
 
 
 def test_a_stale_reference_cache_is_recomputed_not_reused(world, enc, parent, tmp_path, capsys):
-    model, runtime = common.load_model(parent)[0], common.setup("cpu")
+    model, runtime = common.load_model(parent)[0], distributed.setup("cpu")
     records = read_jsonl(world / "pref" / "instruct.jsonl", "pair")
     first = [s for r in records[:3] for s in prefopt.pair_sequences(enc, r, srpo=False)]
     other_data = [s for r in records[3:6] for s in prefopt.pair_sequences(enc, r, srpo=False)]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import common
-import evaluate
+import judges
 import reward
 import sft
 from data import pair_batch, prompt_completion_sequence, render_completion, render_prompt
@@ -21,11 +21,11 @@ def test_soft_label_loss_on_hand_worked_numbers():
     labels = torch.tensor([0.75, 1.0])
     # pair 1: margin 1, −0.75 log σ(1) − 0.25 log σ(−1); pair 2: margin 0, −log ½
     pair1 = -0.75 * math.log(1 / (1 + math.exp(-1))) - 0.25 * math.log(1 / (1 + math.exp(1)))
-    assert evaluate.reward_loss(chosen, rejected, labels).item() == pytest.approx((pair1 + math.log(2)) / 2)
+    assert judges.reward_loss(chosen, rejected, labels).item() == pytest.approx((pair1 + math.log(2)) / 2)
     # a label of ½ is indifferent to the order: the loss is symmetric in the margin
     half = torch.tensor([0.5])
-    assert evaluate.reward_loss(torch.tensor([3.0]), torch.tensor([1.0]), half).item() == \
-        pytest.approx(evaluate.reward_loss(torch.tensor([1.0]), torch.tensor([3.0]), half).item())
+    assert judges.reward_loss(torch.tensor([3.0]), torch.tensor([1.0]), half).item() == \
+        pytest.approx(judges.reward_loss(torch.tensor([1.0]), torch.tensor([3.0]), half).item())
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def reward_model(parent):
     trunk = common.load_model(parent)[0]
     head = nn.Linear(trunk.config.dim, 1, bias=False)
     nn.init.normal_(head.weight, std=1.0)
-    return evaluate.RewardModel(trunk, head).eval()
+    return judges.RewardModel(trunk, head).eval()
 
 
 def test_packed_and_unpacked_pairs_get_the_same_rewards(world, enc, reward_model):
@@ -59,7 +59,7 @@ def test_score_takes_text_messages_and_sampled_ids_alike(world, enc, reward_mode
     messages, text = record["messages"], "Velari is a language."
     prompt_ids, completion_ids = render_completion(enc, messages, text)
     assert render_prompt(enc, messages) == prompt_ids
-    scores = evaluate.reward_model_scores(reward_model, enc, messages,
+    scores = judges.reward_model_scores(reward_model, enc, messages,
                                           [text, {"role": "chatbot", "content": text}, completion_ids,
                                            record["chosen"]], batch_size=3)
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[0] == pytest.approx(scores[2], abs=1e-5)
@@ -80,7 +80,7 @@ def test_two_stage_run_saves_a_loadable_reward_model_then_best_of_n_sft(world, p
     assert [m["stage"] for m in metrics if "eval_accuracy" in m] == [1, 2]
     assert "held-out pairwise accuracy" in capsys.readouterr().out
 
-    loaded = evaluate.load_reward_model(out)
+    loaded = judges.load_reward_model(out)
     assert torch.equal(loaded.head.weight, torch.load(out / "head.pt")["weight"])
     bon = tmp_path / "bon"
     sft.main(["--data", str(world), "--init", str(parent), "--out", str(bon), "--capability", "safety",

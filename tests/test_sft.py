@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import distributed
 import sft
 from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, record_indices, render, render_completion,
                   render_prompt, save_tokenizer, sft_batch, train_bpe)
@@ -91,7 +92,7 @@ def test_best_of_n_trains_on_the_highest_scored_sample_that_ends_its_turn(world,
         return scores
 
     sequences, best_scores = sft.best_of_n(model, enc, prompts, 4, score_fn, 12, 1.0, 1.0,
-                                           torch.Generator().manual_seed(0), common.setup("cpu"),
+                                           torch.Generator().manual_seed(0), distributed.setup("cpu"),
                                            batch_size=2)
     assert len(sequences) == len(seen) == len(prompts) - 1
     for (ids, mask), (completions, scores), best, samples in zip(sequences, seen, best_scores, sampled):

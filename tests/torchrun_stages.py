@@ -4,7 +4,7 @@
 
 PLAN.json lists [script, argv] pairs, e.g. ["sft", ["--data", ...]]; each script's main(argv) runs in turn
 and joins and leaves the process group itself. One launch pays the import of torch, most of a short run's
-time, once. The script "generate" is this file's check of common.generate_sharded."""
+time, once. The script "generate" is this file's check of distributed.generate_sharded."""
 
 import functools
 import json
@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
+import distributed  # noqa: E402
 import copg, prefopt, reward, sft  # noqa: E401, E402
 from model import Config, generate  # noqa: E402
 
@@ -28,20 +29,21 @@ def check_generation(argv):
     below 300, so the ranks finish at different steps. Then one training step on the sharded model, which
     reuses the buffers generation gathered weights into. Writes OUT/generate-rank{r}.json."""
     init, out = argv
-    runtime = common.setup("cpu")
+    runtime = distributed.setup("cpu")
     sharded = common.build_model(Config(**common.load_config(init)["model"]), runtime, init)
     whole = common.load_model(init)[0]
     prompts = [[5 + runtime.rank, 6, 7] * (i + 1) for i in range(runtime.rank + 2)]
     stop_tokens = range(300)
     completions = {name: fn(prompts, torch.Generator().manual_seed(runtime.rank)) for name, fn in (
-        ("sharded", lambda p, g: common.generate_sharded(sharded, p, 12, 1.0, 1.0, stop_tokens, g, runtime)),
+        ("sharded", lambda p, g: distributed.generate_sharded(sharded, p, 12, 1.0, 1.0, stop_tokens, g,
+                                                              runtime)),
         ("whole", lambda p, g: generate(whole, p, 12, 1.0, 1.0, stop_tokens, g)))}
     optimizer = common.make_optimizer(sharded, 1e-3, 0.0)
     tokens = torch.tensor(prompts[-1:])
     sharded.loss(tokens, tokens).backward()
     optimizer.step()
     common.write_json(completions, Path(out) / f"generate-rank{runtime.rank}.json")
-    common.teardown(runtime)
+    distributed.teardown(runtime)
 
 
 SCRIPTS = {"sft": sft.main, "reward": reward.main, "prefopt": prefopt.main, "copg": copg.main,
