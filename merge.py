@@ -85,11 +85,14 @@ class LazyCheckpoint:
         return torch.frombuffer(data, dtype=dtype).as_strided(size, stride, offset)
 
 
-def tokenizer_digest(info: dict) -> str:
+def tokenizer_digest(info: dict, model: str) -> str:
     """What identifies a checkpoint's tokenizer: the sha256 of its file (paths may differ between
     machines)."""
     path = Path(info["tokenizer"])
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else f"missing file {path}"
+    if not path.is_file():
+        raise ValueError(f"{model}: its tokenizer {path} is not a file here (a relative path in config.json "
+                         "is relative to the folder the stage ran in: run merge.py from there)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_compatible(paths, infos, checkpoints):
@@ -100,7 +103,7 @@ def check_compatible(paths, infos, checkpoints):
             if info["model"][field] != first_info["model"][field]:
                 raise ValueError(f"{path}: model config {field} = {info['model'][field]}, but {first} has "
                                  f"{first_info['model'][field]}")
-        if tokenizer_digest(info) != tokenizer_digest(first_info):
+        if tokenizer_digest(info, path) != tokenizer_digest(first_info, first):
             raise ValueError(f"{path}: tokenizer {info['tokenizer']} differs from "
                              f"{first}'s {first_info['tokenizer']}")
         if set(ckpt.entries) != set(first_ckpt.entries):

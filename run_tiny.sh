@@ -130,10 +130,12 @@ stage python merge.py --search --data "$DATA" --out "$RUNS/sft-merge" --base "$R
     "${SEARCH[@]}"
 stage python sft.py --capability all --data "$DATA" --init "$RUNS/sft-merge" --out "$RUNS/sft-soup" "${STEPS[@]}"
 
-# RL experts from the SFT soup, each with its domain's method (§3.3), the longest first
+# RL experts from the SFT soup, each with its domain's method (§3.3), the longest first. Long context has no RL
+# recipe: more long-context SFT, with every other capability's conversations in half of each batch (needles
+# only, it fell to a capability mean of 0.19 and collided with every other expert in the RL soup: RESULTS.md)
 lane python copg.py --capability math --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-math" "${STEPS[@]}"
 lane python sft.py --capability longctx --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-longctx" --steps 100 \
-    "${STEPS[@]}"
+    --cross-domain 1.0 "${STEPS[@]}"
 lane python prefopt.py --capability instruct --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-instruct" "${STEPS[@]}"
 lane python copg.py --capability rag --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-rag" "${STEPS[@]}"
 lane python copg.py --capability code --mode offline --data "$DATA" --init "$RUNS/sft-soup" --out "$RUNS/rl-code-copg" "${STEPS[@]}"

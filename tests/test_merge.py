@@ -117,6 +117,9 @@ def test_mismatched_inputs_are_refused_naming_the_difference(experts, tmp_path):
     other_tokenizer = save_model(tmp_path / "other_tok", seed=0, tokenizer_text="tok-b")
     with pytest.raises(ValueError, match="tokenizer"):
         merge([experts[0], other_tokenizer])
+    (other_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=f"{other_tokenizer}: its tokenizer .* is not a file here"):
+        merge([experts[0], other_tokenizer])
     reshaped = save_model(tmp_path / "reshaped", seed=0)
     state = load(reshaped)
     state["blocks.1.out_proj.weight"] = torch.zeros(32, 7)

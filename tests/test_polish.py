@@ -5,6 +5,7 @@ kept, and a restart that replays what was done."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import polish
@@ -26,7 +27,7 @@ def test_pairs_are_the_reward_models_best_and_worst_then_the_verifiers_pass_and_
           [3, 4, 3.5, 5],
           [2, 3, 2, 2]]        # best and worst are the same reply: no pair
     verified = [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 0], [0, 1, 1, 0.4], [1, 1, 1, 1]]
-    pairs = polish.polishing_pairs(records, texts, rm, verified)
+    pairs = polish.polishing_pairs(records, texts, rm, verified, rule="reward-model")
     got = [(p["messages"][0]["content"], p["chosen"]["content"], p["rejected"]["content"], p["source"])
            for p in pairs]
     # math: the first passing sample (0, RM 2) scores below the first failing one (1, RM 5): dropped
@@ -34,6 +35,27 @@ def test_pairs_are_the_reward_models_best_and_worst_then_the_verifiers_pass_and_
                    ("code", "3-3", "3-0", "reward model"),   # verifier 0.4 >= 0: consistent
                    ("code", "3-1", "3-0", "verifier")]        # first pass (RM 4) over first fail (RM 3)
     assert all(p["label"] == 1.0 for p in pairs)
+
+
+def test_verified_pairs_are_the_verifiers_best_and_worst_ranked_by_the_reward_model_within_a_tie():
+    record = lambda task: {"messages": [{"role": "user", "content": task}], "task": task, "check": {}}  # noqa
+    records = [record("rag"), record("safety"), record("math"), record("code")]
+    texts = [[message(f"{n}-{i}") for i in range(4)] for n in range(4)]
+    rm = [[1, 3, 2, 0],          # the verifier ties every sample: no pair, whatever the reward model says
+          [0.1, 0.2, 0.1, 0.2],  # a low mean reward does not drop a prompt the verifier separates
+          [2, 5, 4, 3],          # the reward model prefers a failing sample: the verifier decides
+          [3, 4, 3.5, 5]]
+    verified = [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0.4]]
+    pairs = polish.polishing_pairs(records, texts, rm, verified)
+    got = [(p["messages"][0]["content"], p["chosen"]["content"], p["rejected"]["content"], p["source"])
+           for p in pairs]
+    # chosen: the reward model's best of the samples the verifier rates highest; rejected: its worst of those
+    # the verifier rates lowest
+    assert got == [("safety", "1-1", "1-2", "verifier"),   # passing: RM 0.2 > 0.1; failing: 0.1 < 0.2
+                   ("math", "2-2", "2-3", "verifier"),     # passing: RM 4 > 2; failing: RM 3 < 5
+                   ("code", "3-1", "3-0", "verifier")]     # verifier 1 (RM 4 > 3.5) against verifier 0
+    with pytest.raises(ValueError, match="unknown pair rule"):
+        polish.polishing_pairs(records, texts, rm, verified, rule="best")
 
 
 def test_a_sample_becomes_the_message_that_renders_it_and_broken_ones_are_left_out(enc):
@@ -63,7 +85,7 @@ def test_ping_pong_runs_srpo_copg_srpo_keeps_the_best_srpo_phase_and_resumes(wor
     out = tmp_path / "polished"
     argv = ["--init", str(parent), "--data", str(world), "--out", str(out), "--reward-model", str(reward),
             "--reference", str(parent), "--rounds", "2", "--prompts", "14", "--samples", "2",
-            "--srpo-steps", "1", "--copg-steps", "1"]
+            "--srpo-steps", "1", "--copg-steps", "1", "--pairs", "reward-model"]   # the verifier ties these
     polish.main(argv)
     rows = [json.loads(line) for line in (out / "phases.jsonl").read_text().splitlines()]
     phases = ["phase-1-srpo", "phase-2-copg", "phase-3-srpo"]
