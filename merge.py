@@ -98,12 +98,13 @@ def tokenizer_digest(info: dict, model: str) -> str:
 def check_compatible(paths, infos, checkpoints):
     """Refuse inputs that cannot be averaged: a different model config, tokenizer, tensor set or shape."""
     first, first_info, first_ckpt = paths[0], infos[0], checkpoints[0]
+    first_tokenizer = tokenizer_digest(first_info, first) if len(paths) > 1 else None   # read once
     for path, info, ckpt in zip(paths[1:], infos[1:], checkpoints[1:]):
         for field in first_info["model"]:
             if info["model"][field] != first_info["model"][field]:
                 raise ValueError(f"{path}: model config {field} = {info['model'][field]}, but {first} has "
                                  f"{first_info['model'][field]}")
-        if tokenizer_digest(info, path) != tokenizer_digest(first_info, first):
+        if tokenizer_digest(info, path) != first_tokenizer:
             raise ValueError(f"{path}: tokenizer {info['tokenizer']} differs from "
                              f"{first}'s {first_info['tokenizer']}")
         if set(ckpt.entries) != set(first_ckpt.entries):

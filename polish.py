@@ -92,8 +92,9 @@ def polishing_pairs(records: list[dict], candidates: list[list[dict]], rm_scores
     "pair" kind, with "source": "reward model" or "verifier"."""
     if rule not in PAIR_RULES:
         raise ValueError(f"unknown pair rule {rule!r}: one of {PAIR_RULES}")
-    means = [float(np.mean(scores)) for scores in rm_scores if scores]
-    cutoff = float(np.quantile(means, low_share)) if means else 0.0
+    if rule == "reward-model":
+        means = [float(np.mean(scores)) for scores in rm_scores if scores]
+        cutoff = float(np.quantile(means, low_share)) if means else 0.0
     pairs = []
     for record, samples, rm, ver in zip(records, candidates, rm_scores, verified):
         pair = lambda i, j, source: {  # noqa: E731
