@@ -304,19 +304,24 @@ def make_math(world, rng, split):
     """§3.3.5 with §3.3.2's tools: multi-step word problems about the world. The reply calls the calculator
     with one expression of the problem's numbers; the calculator's result comes back and the reply ends with
     "Answer: N". The model's part is the reasoning a tiny model can learn: which numbers, which operations,
-    copied from the problem; products of 2- and 3-digit numbers in its head it cannot. rejected: the call
-    with a slip (a wrong number or operation), as correctness decides math preferences."""
+    copied from the problem; products of 2- and 3-digit numbers in its head it cannot. Every number is drawn
+    afresh for each problem (a deal's price, an office's headcount), never an entity's fact: with the world's
+    fixed prices the model learned each training product's price instead of copying it, and wrote a training
+    product's price for a held-out one. rejected: the call with a slip (a wrong number or operation), as
+    correctness decides math preferences."""
     company, city = rng.choice(entities(world, "companies", split)), rng.choice(world["cities"])["name"]
     p, q = (rng.choice(entities(world, "products", split)) for _ in range(2))
-    c, price, a, b = company["name"], p["price"], rng.randint(2, 20), rng.randint(2, 20)
+    c, price, a, b = company["name"], rng.randint(4, 900), rng.randint(2, 20), rng.randint(2, 20)
     family = rng.randrange(4)
     if family == 0:
+        other = rng.randint(4, 900)
         question = (f"{c} sells {a} of the {p['name']} at {price} crowns each and {b} of the {q['name']} at "
-                    f"{q['price']} crowns each. How many crowns does it earn?")
-        expression, slip = f"{a} * {price} + {b} * {q['price']}", f"{a} * {price} + {b} + {q['price']}"
+                    f"{other} crowns each. How many crowns does it earn?")
+        expression, slip = f"{a} * {price} + {b} * {other}", f"{a} * {price} + {b} + {other}"
     elif family == 1:
-        n = company["staff"]
-        question = f"{c} employs {n} people. It hires {a} more and {b} leave. How many people work there now?"
+        n = rng.randint(20, 5000)
+        question = (f"{c} has {n} people at its office in {city}. It hires {a} more and {b} leave. How many "
+                    f"people work there now?")
         expression, slip = f"{n} + {a} - {b}", f"{n} + {a} + {b}"
     elif family == 2:
         teams, each = rng.randint(2, 9), rng.randint(5, 90)
@@ -326,8 +331,8 @@ def make_math(world, rng, split):
         expression, slip = f"{teams * each} / {teams} - {gift}", f"{teams * each} - {gift}"
     else:
         cut = rng.randint(1, price - 1)
-        question = (f"The {p['name']} costs {price} crowns. {c} cuts the price by {cut} crowns and a shop "
-                    f"buys {a} of them. How many crowns does the shop pay?")
+        question = (f"{c} sells the {p['name']} at {price} crowns in {city}. It cuts the price by {cut} "
+                    f"crowns and a shop buys {a} of them. How many crowns does the shop pay?")
         expression, slip = f"({price} - {cut}) * {a}", f"{price} - {cut} * {a}"
     answer = calculate(expression)
     call = lambda e: tool_turn("calculator", e, "I will use the calculator.")

@@ -1,6 +1,7 @@
 """capabilities.py, tasks.py and sandbox.py: the world is deterministic and held out where it says, every
 verifier accepts right answers and rejects wrong ones, the training data passes its own verifiers, and the
 code sandbox contains hostile code."""
+import collections
 import json
 import os
 import random
@@ -319,6 +320,24 @@ def test_math_training_conversations_call_the_calculator_then_answer_with_its_re
         assert messages[3]["content"] == f"[doc 0] {e['check']['answer']}"
         assert messages[4]["content"] == f"Answer: {e['check']['answer']}"
         assert all(number in messages[1]["content"] for number in re.findall(r"\d+", expression))
+
+
+def test_math_numbers_are_drawn_per_problem_not_recalled_from_an_entity(world):
+    """A product's price or a company's headcount stated as a world fact would let the model recall it for a
+    training entity instead of copying it, and then fail on every held-out one."""
+    rng = random.Random(0)
+    stated = collections.defaultdict(set)
+    for _ in range(400):
+        question = capabilities.make_math(world, rng, "train")["messages"][1]["content"]
+        for product in capabilities.entities(world, "products", "train"):
+            for price in re.findall(rf"the {product['name']} at (\d+) crowns", question):
+                stated[product["name"]].add(int(price))
+    assert len(stated) > 5 and all(len(prices) > 1 for prices in stated.values() if len(prices) > 0)
+    facts = {int(e[field]) for e in world["companies"] + world["products"] for field in ("staff", "price")
+             if field in e}
+    numbers = [int(n) for _ in range(200) for n in re.findall(
+        r"\d+", capabilities.make_math(world, rng, "train")["messages"][1]["content"]) if int(n) > 20]
+    assert sum(n in facts for n in numbers) < 0.2 * len(numbers)   # chance overlaps only
 
 
 def test_niah_string_match_counts_each_expected_string():
