@@ -15,6 +15,7 @@ probes); nothing asks for arithmetic in the model's head or for a held-out fact 
 - multilingual: translate a sentence, or answer a question from a note in another language;
 - code: a one-line function from its spec (10 families, each with a held-out constant);
 - math: two-step word problems as one calculator call (which numbers, which operations), then the result;
+  the numbers are drawn per problem, so they are copied, not recalled from a training entity;
 - longctx: a 3-digit pass code (one token: the model finds it by its key, but this one cannot yet go on
   copying a second token from that far), or several, or a chain of variables, among world facts of 1-8x the
   base context; SFT sees 1x and 2x only, so 4x and 8x are found by length generalisation;

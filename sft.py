@@ -71,7 +71,8 @@ RECIPES = {
     "multilingual": dict(lr=2.5e-5, min_lr=1.25e-5, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),
     "code": dict(lr=5e-5, min_lr=5e-6, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),  # B.3
     # B.4; math only: the calculator call scored 0.23 after 200 steps with other data in half of each batch,
-    # 0.40 without it, 0.44 after 400 steps with it (RESULTS.md). Rows of 512 hold three ~160-token
+    # 0.40 without it, 0.44 after 400 steps with it; on problems whose numbers must be copied 0.71 alone and
+    # 0.67 with it, whose SFT soup was no better (RESULTS.md). Rows of 512 hold three ~160-token
     # conversations where rows of 256 held one (39 % padding): the same conversations per step, fewer tokens.
     "math": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=512,
                  cross_domain=0.0),
