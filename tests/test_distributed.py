@@ -127,11 +127,15 @@ def test_two_processes_take_the_step_of_one_with_the_whole_batch(world, folders,
 
 
 def test_two_process_reward_model_matches_one(world, folders, two):
-    """Both of reward.py's stages, trunk and head; each rank's loss is the mean over its pairs."""
+    """Both of reward.py's stages, trunk and head; each rank's loss is the mean over its pairs. The loss stays
+    near ln 2 in 5 steps, so gradients are tiny and AdamW's normalised step carries their fp32 rounding into
+    the weights: measured 1.1e-6 apart (head 5e-9), where the trunk moved 8e-4 from its init."""
     one(world, folders, "reward")
     assert [line["step"] for line in metrics(folders, "reward", 2) if "loss" in line] == [1, 2, 3, 4, 5]
+    trunk = weights(folders, "reward", 1)
+    assert max_difference(trunk, torch.load(folders["parent"] / "model.pt", weights_only=True)) > 1e-4
     for file in ("model.pt", "head.pt"):
-        assert max_difference(weights(folders, "reward", 1, file), weights(folders, "reward", 2, file)) < 1e-6
+        assert max_difference(weights(folders, "reward", 1, file), weights(folders, "reward", 2, file)) < 1e-5
 
 
 def test_sampling_on_the_sharded_model_is_sampling_on_the_whole_one(folders, two):
