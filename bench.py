@@ -3,7 +3,7 @@ Benchmarks (figures in RESULTS.md):
 
     python bench.py model [--preset small ...]   training and generation tokens/s of model.py against
                                                  transformers' Cohere2ForCausalLM on the same weights, and
-                                                 KV-cache bytes
+                                                 KV-cache bytes (--bf16: ours in fp32 against bf16 autocast)
     python bench.py merge [--models 7 --preset small]   peak memory of merge.py's streaming merge of N
                                                         checkpoints
     python bench.py import [--preset small --shards 5]  peak memory of `hf.py --from-hf` on a random
@@ -73,12 +73,37 @@ def bench_model(args):
         ours_rate, hf_rate = (tokens / sorted(seconds[fn])[len(seconds[fn]) // 2] for fn in (ours_fn, hf_fn))
         print(f"{name:32}{ours_rate:12.0f}{hf_rate:14.0f}{ours_rate / hf_rate:7.2f}x")
 
+    if args.bf16:
+        bench_bf16(ours, idx, targets, prompts, args)
+
     length = 8 * config.window
     _, cache = generate(ours, [[1] * (length - 1)], 1, temperature=0, return_cache=True)
     # k and v of every layer, fp32
     full = config.n_layers * length * 2 * config.n_kv_heads * config.head_dim * 4
     print(f"KV cache at {length} tokens (8x window): {cache.nbytes() / 2**20:.2f} MiB with rolling "
           f"sliding-window buffers vs {full / 2**20:.2f} MiB for a full cache = {cache.nbytes() / full:.1%}")
+
+
+def bench_bf16(ours, idx, targets, prompts, args):
+    """Ours in fp32 against ours under bf16 autocast (§2.4.1's matmul precision; model.py keeps norms, softmax
+    and the logits in fp32), alternating as bench_model does: whether a CPU with bf16 matmul instructions
+    would run the tiny pipeline faster."""
+    tasks = {"train (fwd+bwd of the LM loss)": (lambda: ours.loss(idx, targets).backward(), idx.numel()),
+             "generate (greedy, KV cache)": (lambda: generate(ours, prompts, args.gen_tokens, temperature=0),
+                                             len(prompts) * args.gen_tokens)}
+    print(f"{'':32}{'fp32 tok/s':>12}{'bf16 autocast':>14}{'ratio':>8}")
+    for name, (fn, tokens) in tasks.items():
+        seconds = {"fp32": [], "bf16": []}
+        for rep in range(args.repeats + 1):
+            for precision in seconds:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    start = time.perf_counter()
+                    fn()
+                    elapsed = time.perf_counter() - start
+                if rep > 0:
+                    seconds[precision].append(elapsed)
+        fp32, bf16 = (tokens / sorted(v)[len(v) // 2] for v in seconds.values())
+        print(f"{name:32}{fp32:12.0f}{bf16:14.0f}{bf16 / fp32:7.2f}x")
 
 
 def peak_rss_mib() -> float:
@@ -170,6 +195,7 @@ def main(argv=None):
     model.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
     model.add_argument("--gen-batch", type=int, default=8, help="prompts generated at once")
     model.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
+    model.add_argument("--bf16", action="store_true", help="also ours in fp32 against ours in bf16 autocast")
     merge = commands.add_parser("merge", help="peak memory of a streaming merge")
     merge.add_argument("--models", type=int, default=7, help="checkpoints to merge")
     merge.add_argument("--preset", default="small", choices=PRESETS, help="their preset")
