@@ -63,18 +63,10 @@ def bench_model(args):
           f"{args.gen_batch} prompts of {min(lengths)}-{max(lengths)} tokens + {args.gen_tokens} new")
     print(f"{'':32}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}")
     for name, (ours_fn, hf_fn, tokens) in tasks.items():
-        seconds = {ours_fn: [], hf_fn: []}
-        for rep in range(args.repeats + 1):
-            for fn in (ours_fn, hf_fn):
-                start = time.perf_counter()
-                fn()
-                if rep > 0:  # the first round is a warm-up
-                    seconds[fn].append(time.perf_counter() - start)
-        ours_rate, hf_rate = (tokens / sorted(seconds[fn])[len(seconds[fn]) // 2] for fn in (ours_fn, hf_fn))
+        ours_rate, hf_rate = (tokens / s for s in median_seconds((ours_fn, hf_fn), args.repeats))
         print(f"{name:32}{ours_rate:12.0f}{hf_rate:14.0f}{ours_rate / hf_rate:7.2f}x")
-
     if args.bf16:
-        bench_bf16(ours, idx, targets, prompts, args)
+        bench_bf16({name: (ours_fn, tokens) for name, (ours_fn, _, tokens) in tasks.items()}, args.repeats)
 
     length = 8 * config.window
     _, cache = generate(ours, [[1] * (length - 1)], 1, temperature=0, return_cache=True)
@@ -84,25 +76,32 @@ def bench_model(args):
           f"sliding-window buffers vs {full / 2**20:.2f} MiB for a full cache = {cache.nbytes() / full:.1%}")
 
 
-def bench_bf16(ours, idx, targets, prompts, args):
+def median_seconds(fns, repeats: int) -> list[float]:
+    """Each fn's median wall time over `repeats` rounds after a warm-up round; within a round the fns take
+    turns, so that all of them see the same machine load."""
+    seconds = [[] for _ in fns]
+    for rep in range(repeats + 1):
+        for fn, times in zip(fns, seconds):
+            start = time.perf_counter()
+            fn()
+            if rep > 0:
+                times.append(time.perf_counter() - start)
+    return [sorted(times)[len(times) // 2] for times in seconds]
+
+
+def bench_bf16(tasks: dict, repeats: int):
     """Ours in fp32 against ours under bf16 autocast (§2.4.1's matmul precision; model.py keeps norms, softmax
-    and the logits in fp32), alternating as bench_model does: whether a CPU with bf16 matmul instructions
-    would run the tiny pipeline faster."""
-    tasks = {"train (fwd+bwd of the LM loss)": (lambda: ours.loss(idx, targets).backward(), idx.numel()),
-             "generate (greedy, KV cache)": (lambda: generate(ours, prompts, args.gen_tokens, temperature=0),
-                                             len(prompts) * args.gen_tokens)}
+    and the logits in fp32), on bench_model's tasks {name: (fn, tokens)}: whether a CPU with bf16 matmul
+    instructions would run the tiny pipeline faster."""
+    def in_bf16(fn):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+        return run
+
     print(f"{'':32}{'fp32 tok/s':>12}{'bf16 autocast':>14}{'ratio':>8}")
     for name, (fn, tokens) in tasks.items():
-        seconds = {"fp32": [], "bf16": []}
-        for rep in range(args.repeats + 1):
-            for precision in seconds:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    start = time.perf_counter()
-                    fn()
-                    elapsed = time.perf_counter() - start
-                if rep > 0:
-                    seconds[precision].append(elapsed)
-        fp32, bf16 = (tokens / sorted(v)[len(v) // 2] for v in seconds.values())
+        fp32, bf16 = (tokens / s for s in median_seconds((fn, in_bf16(fn)), repeats))
         print(f"{name:32}{fp32:12.0f}{bf16:14.0f}{bf16 / fp32:7.2f}x")
 
 
