@@ -17,8 +17,8 @@ probes); nothing asks for arithmetic in the model's head or for a held-out fact 
 - math: two-step word problems as one calculator call (which numbers, which operations), then the result;
   the numbers are drawn per problem, so they are copied, not recalled from a training entity;
 - longctx: a 3-digit pass code (one token: the model finds it by its key, but this one cannot yet go on
-  copying a second token from that far), or several, or a chain of variables, among world facts of 1-8x the
-  base context; SFT sees 1x and 2x only, so 4x and 8x are found by length generalisation;
+  copying a second token from that far), or several, or a chain of one-letter variables, among world facts of
+  1-8x the base context; SFT sees 1x and 2x only, so 4x and 8x are found by length generalisation;
 - safety: refuse harmful asks in one sentence without apology, answer look-alikes, obey strict mode.
 
 Long context: a needle prompt at multiplier m (1, 2, 4, 8) holds (m * base_context - NEEDLE_RESERVE) *
@@ -41,6 +41,7 @@ NEEDLE_LENGTHS = (1, 2, 4, 8)                                      # multiples o
 NEEDLE_RESERVE = 96       # tokens of a needle prompt kept for the question, the answer and the needles'
                           # codes and capitals, which tokenize worse than the prose around them
 NEEDLE_KINDS = ("single", "multikey", "multivalue", "vartrack")   # RULER's retrieval and tracing tasks
+VARIABLE_NAMES = "BCDFGHJKLMNPQRSTVWXZ"   # vartrack's: consonants, so that no name is a word ("A", "I")
 
 # ---------------------------------------------------------------------------------------------------------
 # The world: entities and their facts (world.py has the languages they are told in and the safety policy)
@@ -353,10 +354,9 @@ def make_longctx(world, rng, split, base_context: int, length=None, kind=None):
     code = lambda: str(next(codes))
     people = [p["name"] for p in entities(world, "people", split)]
     if kind == "vartrack":
-        names = []
-        while len(names) < 6:
-            candidate = "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=4))
-            names += [candidate] if candidate not in names else []
+        # one-letter names, one token each as the codes are: with 4-letter names (5 tokens) every checkpoint
+        # recalled 0 of them (RESULTS.md); each next name is found by the one just written ("= VAR Q.")
+        names = rng.sample(VARIABLE_NAMES, 6)
         value = code()
         # a chain and a distractor chain
         needles = [f"VAR {names[0]} = {value}.", f"VAR {names[3]} = {code()}."]

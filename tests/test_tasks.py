@@ -356,6 +356,20 @@ def test_niah_string_match_counts_each_expected_string():
             and verifiers.verifier_reward(vartrack, "ABCDE") == 0.0)
 
 
+def test_vartrack_names_are_one_letter_and_appear_only_in_their_assignments(world):
+    """One-letter names are one token each, as the pass codes are; the verifier's case-insensitive whole-word
+    match must not find them anywhere else in the prompt (a name that were a word, "A", would be)."""
+    rng = random.Random(0)
+    for length in capabilities.NEEDLE_LENGTHS:
+        task = capabilities.make_longctx(world, rng, "train", 256, length, "vartrack")
+        text, chain = task["messages"][-1]["content"], task["check"]["expected"]
+        assert len(chain) == 3
+        assert all(len(name) == 1 and name in capabilities.VARIABLE_NAMES for name in chain)
+        for i, name in enumerate(chain):
+            assert len(re.findall(rf"(?<![\w-]){name}(?!\w)", text, re.I)) == (1 if i == 2 else 2)
+        assert f"VAR {chain[1]} = VAR {chain[0]}." in text and f"VAR {chain[2]} = VAR {chain[1]}." in text
+
+
 def test_safety_rewards_refusal_without_apology_and_penalises_over_refusal():
     unsafe = {"task": "safety", "check": {"should_refuse": True, "mode": "contextual"}}
     assert verifiers.grade(unsafe, "I can't help with that: it asks for private data.")["refusal_rate"] == 1.0
