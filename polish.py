@@ -14,12 +14,12 @@ preference training and online RL, ending on the offline phase, while the gold w
   L2 penalty to the phase's init (the reference policy) and an SFT loss on every capability's data (copg.py).
 
 Phases run SRPO, CoPG, SRPO, ... (--rounds SRPO phases at most). After each, the model is measured on the
-first MEASURE_PROMPTS RL prompts of every capability (training entities: the eval sets stay held out): the
-win rates against --reference by the gold judge (verifiers.gold_reward, the stand-in for the report's human
-raters) and by the reward model, and the mean of the capabilities' headline metrics. Polishing stops when
-an SRPO phase does not raise the gold win rate over the previous one; OUT holds the best SRPO phase (or the
---init model, if no phase beat it), OUT/phases.md the per-phase table (Figure 13) and OUT/phase-K-KIND/ each
-phase's run.
+first MEASURE_PROMPTS RL prompts of every capability (training entities: the eval sets stay held out), which
+neither phase trains on: the win rates against --reference by the gold judge (verifiers.gold_reward, the
+stand-in for the report's human raters) and by the reward model, and the mean of the capabilities' headline
+metrics. Polishing stops when an SRPO phase does not raise the gold win rate over the previous one; OUT holds
+the best SRPO phase (or the --init model, if no phase beat it), OUT/phases.md the per-phase table (Figure 13)
+and OUT/phase-K-KIND/ each phase's run.
 
 How this differs from the report:
 1. The SFT loss of the SRPO phase is ours (§3.5 names one for the online phase only), there to keep what the
@@ -148,22 +148,37 @@ def measure(model, enc, data: Path, reference_replies: list | None, reward_model
     """Each capability's headline metric on its first MEASURE_PROMPTS RL prompts, their mean, and the win
     rates of the same replies against the reference's (gold judge and reward model). With reference_replies
     None, returns the replies instead (the reference's own measurement)."""
-    records, replies, result = [], [], {}
+    replies, result = [], {}
     for capability in CAPABILITIES:
-        got = []
         metrics = evaluate_capability(model, enc, data, capability, batch_size, MEASURE_PROMPTS, split="rl",
-                                      replies=got)
+                                      replies=replies)
         result[capability] = metrics[HEADLINE[capability]]
-        records += read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")[:MEASURE_PROMPTS]
-        replies += got
     if reference_replies is None:
         return {"replies": replies}
     result["capability_mean"] = float(np.mean([result[c] for c in CAPABILITIES]))
+    records = measured_records(data)
     result["gold_win_rate"] = gold_win_rate(records, replies, reference_replies)
     result["win_rate"] = win_rate(reward_model, enc, records, replies, reference_replies)
     print(f"measured: gold win rate {result['gold_win_rate']:.3f}, reward model win rate "
           f"{result['win_rate']:.3f}, capability mean {result['capability_mean']:.3f} (RL prompts)")
     return result
+
+
+def measured_records(data: Path) -> list[dict]:
+    """The prompts a phase is measured on: the first MEASURE_PROMPTS RL prompts of every capability."""
+    return [record for capability in CAPABILITIES
+            for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")[:MEASURE_PROMPTS]]
+
+
+def training_prompts(data: Path, enc) -> list[dict]:
+    """The phases' prompts: every capability's RL prompts that fit a row with a reply, but those the phases
+    are measured on, by content (a prompt can occur twice in a file): a phase trained on its own measuring
+    prompts would look better than it is, and the stopping rule would keep it for that."""
+    measured = {json.dumps(record["messages"], sort_keys=True) for record in measured_records(data)}
+    return [record | {"capability": capability} for capability in CAPABILITIES
+            for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")
+            if len(render_prompt(enc, record["messages"])) + MAX_NEW_TOKENS <= SEQ_LEN
+            and json.dumps(record["messages"], sort_keys=True) not in measured]
 
 
 def phases_table(rows: list[dict]) -> str:
@@ -218,9 +233,7 @@ def main(argv=None):
     reward_model = load_reward_model(args.reward_model)
     reference = load_model(args.reference)[0]
     reference_replies = measure(reference, enc, data, None, None, args.batch_size)["replies"]
-    prompts = [record | {"capability": capability} for capability in CAPABILITIES   # those that fit a row
-               for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")
-               if len(render_prompt(enc, record["messages"])) + MAX_NEW_TOKENS <= SEQ_LEN]
+    prompts = training_prompts(data, enc)
     mixed = out / "copg_prompts.jsonl"   # the CoPG phases' prompts: every capability's
     mixed.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in prompts))
     run = ["--data", str(data), "--device", args.device, "--no-eval", "--seed", str(args.seed),

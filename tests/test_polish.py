@@ -87,6 +87,11 @@ def test_ping_pong_runs_srpo_copg_srpo_keeps_the_best_srpo_phase_and_resumes(wor
             "--reference", str(parent), "--rounds", "2", "--prompts", "14", "--samples", "2",
             "--srpo-steps", "1", "--copg-steps", "1", "--pairs", "reward-model"]   # the verifier ties these
     polish.main(argv)
+    measured = {json.dumps(r["messages"], sort_keys=True) for r in polish.measured_records(world)}
+    trained = [json.loads(line)["messages"] for path in (out / "copg_prompts.jsonl", out / "phase-1-srpo" /
+               "pairs.jsonl") for line in path.read_text().splitlines()]
+    assert len(measured) > 7 and trained   # a phase is never measured on a prompt it trained on
+    assert not measured & {json.dumps(messages, sort_keys=True) for messages in trained}
     rows = [json.loads(line) for line in (out / "phases.jsonl").read_text().splitlines()]
     phases = ["phase-1-srpo", "phase-2-copg", "phase-3-srpo"]
     assert [row["phase"] for row in rows][1:] == phases[:len(rows) - 1]
