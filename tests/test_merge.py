@@ -181,6 +181,21 @@ def test_search_leaves_out_domains_with_nothing_to_retain_and_reports_collisions
     assert "nothing to search for" in capsys.readouterr().out and best["weights"] == [0.75, 0.25]
 
 
+def test_search_keeps_every_domain_rather_than_trading_one_away_for_a_higher_mean():
+    """Each expert collides with the others: in the uniform merge every domain keeps 0.6 of its expert;
+    leaving expert 2 out keeps the others whole and c at nothing. The mean prefers that (0.67 against 0.6);
+    the objective, which counts the worst domain too, keeps the merge that holds every domain."""
+    def score(weights, names):
+        collided = all(w > 0 for w in weights)
+        return {d: 0.6 if collided else float(weights["abc".index(d)] > 0) for d in names}
+
+    best, candidates = search_weights(["a", "b", "c"], score, budget=4)
+    leave_out_2 = next(c for c in candidates if c["kind"] == "leave out 2")
+    assert sum(leave_out_2["retention"].values()) / 3 == pytest.approx(2 / 3)   # > 0.6, the start's mean
+    assert best["kind"] == "start" and best["objective"] == pytest.approx(0.6)
+    assert leave_out_2["objective"] == pytest.approx((2 / 3 + 0) / 2)
+
+
 def test_task_arithmetic_search_scales_the_changes_past_what_an_average_can_hold():
     """Three experts that each need a scale of 0.5 on their change (1.5 in all, with a parent of no domain):
     no average of four models holds that; scaling every change 3x does."""
