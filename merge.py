@@ -8,15 +8,15 @@ a comparison.
 How this differs from the report:
 1. --search (§3.4.3.1, §3.4.3.3) scores a candidate by its retention, each domain's headline metric over its
    expert's (capped at 1): the mean over domains and the worst domain's, averaged (`objective`). The worst
-   domain counts because the aim is every capability close to its expert (§3.4.3): on the mean alone the
-   tiny searches took candidates that gave one capability away for a little more of the others (RESULTS.md).
-   It tries the start, every leave-one-out merge (which shows "collisions"), then
-   the report's moves: upweight the weakest domain's experts (by 0.2, 0.4, 0.8), then random log-normal
-   perturbations, until --budget candidates; the report describes the moves, not an algorithm.
-   With --base PARENT the search is over task-arithmetic scales (Ilharco et al. 2023): θ = θ_parent +
-   Σ λ_i (θ_i − θ_parent), still a linear merge (weights 1 − Σλ, λ_1, ...), but Σλ is not held at 1: after
-   the uniform average (λ = 1/N) it tries every expert's change 2x and 3x as large. The tiny experts' changes
-   are large and partly collide, so the plain average keeps little of each (RESULTS.md).
+   domain counts because the aim is every capability close to its expert (§3.4.3): on the mean alone the tiny
+   searches took candidates that gave one capability away for a little more of the others (RESULTS.md). It
+   tries the start, every leave-one-out merge (which shows "collisions"), then the report's moves: upweight
+   the weakest domain's experts (by 0.2, 0.4, 0.8), then random log-normal perturbations, until --budget
+   candidates; the report describes the moves, not an algorithm. With --base PARENT the search is over
+   task-arithmetic scales (Ilharco et al. 2023): θ = θ_parent + Σ λ_i (θ_i − θ_parent), still a linear merge
+   (weights 1 − Σλ, λ_1, ...), but Σλ is not held at 1: after the uniform average (λ = 1/N) it tries every
+   expert's change 2x and 3x as large. The tiny experts' changes are large and partly collide, so the plain
+   average keeps little of each (RESULTS.md).
 2. Inputs are streamed: each tensor is read alone from its torch.save archive, so the peak memory is the
    output model plus one input tensor (`python bench.py merge` measures it). Inputs whose configs, tokenizers,
    tensor names or shapes differ are refused with a message naming the difference.
