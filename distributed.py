@@ -112,7 +112,9 @@ def shard_model(model: Transformer, runtime: Runtime):
     for block in model.blocks:
         fully_shard(block, mesh=runtime.mesh, mp_policy=precision)
     fully_shard(model, mesh=runtime.mesh, mp_policy=precision)
-    for method in ("loss", "hidden_states"):  # FSDP hooks forward() only; stages call these directly
+    # FSDP hooks forward() only; stages call these directly (and they call hidden_states, then the output
+    # projection, whose weight must stay gathered until they return)
+    for method in ("loss", "sequence_logps", "hidden_states"):
         register_fsdp_forward_method(model, method)
 
 

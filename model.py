@@ -245,20 +245,21 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), None, self.eps).to(x.dtype)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin of position * inv_freq in fp32, shaped [B, 1, T, head_dim / 2] to broadcast over heads.
+def rope_rotations(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """e^(i * position * inv_freq) as complex64, shaped [B, 1, T, head_dim / 2] to broadcast over heads.
     Computed on the fly, not kept as a buffer, so that casting the model to bf16 cannot round inv_freq."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device,
                                             dtype=torch.float) / head_dim)
     angles = positions[..., None].float() * inv_freq
-    return angles.cos()[:, None], angles.sin()[:, None]
+    return torch.polar(torch.ones_like(angles), angles)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) (GPT-J style, as Cohere2; Llama rotates halves instead)."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) (GPT-J style, as Cohere2; Llama rotates halves instead): each
+    pair, read as the complex number x[2i] + i x[2i+1], times its rotation. One complex multiply, where
+    rotating the pairs' halves and interleaving them again took 5x longer forward and backward on a CPU."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 # The kernel that runs masked attention: "flex" (flex_attention with a block mask: blocks of the score matrix
@@ -313,16 +314,37 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def attend(q, k, v, mask, scale: float | None = None) -> torch.Tensor:
+# Query blocks of dense-masked attention (below)
+QUERY_BLOCK = 128
+
+
+def attend(q, k, v, mask, scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for GQA heads, q [B, n_heads, T, head_dim] and k, v [B, n_kv_heads,
     S, head_dim], by the kernel the mask was built for: flex_attention for a BlockMask (compiled on GPU;
     eager on CPU, a check of the rule rather than a speed-up), SDPA for a dense mask or None (causal). scale
-    None is 1 / sqrt(head_dim)."""
+    None is 1 / sqrt(head_dim); `window` is the sliding layer's (None: a full layer).
+
+    SDPA scores every (query, key) pair of a dense mask, hidden or not: O(T^2) where a sliding layer needs
+    O(T * window). So a long sequence's queries (q and k the same tokens: training, or a prompt's prefill)
+    go in blocks of QUERY_BLOCK, each with the keys it can see: those since the window's start for a sliding
+    layer, the causal prefix for a full one. The same sums up to rounding; at 2,048 tokens a sliding layer
+    runs ~10x faster on a CPU, a full one ~2x (RESULTS.md)."""
     if isinstance(mask, BlockMask):
         flex = compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                          enable_gqa=True)
+    T = q.shape[2]
+    if mask is None or T != k.shape[2] or T <= 2 * QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                              enable_gqa=True)
+    blocks = []
+    for start in range(0, T, QUERY_BLOCK):
+        end = min(T, start + QUERY_BLOCK)
+        first = 0 if window is None else max(0, start - window + 1)
+        keys = slice(first, end)
+        blocks.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, keys], v[:, :, keys],
+                                                     attn_mask=mask[..., start:end, keys], scale=scale,
+                                                     enable_gqa=True))
+    return torch.cat(blocks, dim=2)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -340,6 +362,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.sliding = config.is_sliding(layer)
+        self.window = config.window if self.sliding else None
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         # µP scores q.k / head_dim, not / sqrt(head_dim): q and k become correlated in training, so q.k grows
         # like head_dim, not its square root. None is SDPA's default 1 / sqrt(head_dim).
@@ -350,17 +373,17 @@ class Block(nn.Module):
         self.in_proj = Linear(config.dim, sum(self.split_sizes))
         self.out_proj = Linear(attn + config.ffn_dim, config.dim)  # [o_proj | down_proj]
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, rotations, mask, cache=None):
         B, T, _ = x.shape
         q, k, v, gate, up = self.in_proj(self.norm(x)).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.sliding:  # full-attention layers use no positional embedding (NoPE)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rotations), apply_rope(k, rotations)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        attn = attend(q, k, v, mask, self.attn_scale).transpose(1, 2).reshape(B, T, -1)
+        attn = attend(q, k, v, mask, self.attn_scale, self.window).transpose(1, 2).reshape(B, T, -1)
         return x + self.out_proj(torch.cat([attn, F.silu(gate) * up], dim=-1))
 
 
@@ -448,10 +471,10 @@ class Transformer(nn.Module):
             sliding_mask, full_mask = cache.decode_masks()
         else:
             raise ValueError(f"after the prompt, a KV cache takes one token per step, got {T}")
-        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        rotations = rope_rotations(positions, self.config.head_dim, self.config.rope_theta)
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, sliding_mask if block.sliding else full_mask, cache)
+            x = block(x, rotations, sliding_mask if block.sliding else full_mask, cache)
         if cache is not None:
             cache.seen += T
         return self.norm(x)
@@ -469,24 +492,27 @@ class Transformer(nn.Module):
 
     def loss(self, idx, targets, doc_ids=None, positions=None):
         """Mean next-token cross-entropy over the targets that are not -100 (masked), computed by
-        ChunkedCrossEntropy without ever holding all [B, T, vocab] logits."""
-        hidden = self.hidden_states(idx, doc_ids, positions).flatten(0, 1)
-        return ChunkedCrossEntropy.apply(hidden, self.embed.weight, targets.flatten(),
-                                         self.config.output_scale)
+        ChunkedCrossEntropy without ever holding all [B, T, vocab] logits. Only the scored positions go
+        through the output projection, a third of a step's FLOPs at the tiny preset: an SFT batch scores
+        its replies, 3-48 % of its tokens (RESULTS.md)."""
+        targets = targets.flatten()
+        scored = targets != -100
+        hidden = self.hidden_states(idx, doc_ids, positions).flatten(0, 1)[scored]
+        return ChunkedCrossEntropy.apply(hidden, self.embed.weight, targets[scored], self.config.output_scale)
 
     def sequence_logps(self, idx, targets, doc_ids, n_sequences: int, positions=None, average=False):
         """log π(completion | prompt) of each packed sequence: the sum (or, with `average`, the per-token
-        mean, §3.5) of the log-probs of its scored targets (those not -100). Sequence s is where doc_ids == s,
-        as data.pack lays them out (-1 marks padding). Returns [n_sequences], differentiable."""
-        logits = self(idx, doc_ids, positions).flatten(0, 1)
-        targets, doc_ids = targets.flatten(), doc_ids.flatten()
-        scored = targets != -100
-        token_logps = -F.cross_entropy(logits[scored], targets[scored], reduction="none")
-        sums = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored], token_logps)
+        mean, §3.5) of the log-probs of its scored targets (those not -100; only they are projected to
+        logits). Sequence s is where doc_ids == s, as data.pack lays them out (-1 marks padding). Returns
+        [n_sequences], differentiable."""
+        targets, scored = targets.flatten(), (targets != -100).flatten()
+        logits = self.logits(self.hidden_states(idx, doc_ids, positions).flatten(0, 1)[scored])
+        targets, doc_ids = targets[scored], doc_ids.flatten()[scored]
+        token_logps = -F.cross_entropy(logits, targets, reduction="none")
+        sums = token_logps.new_zeros(n_sequences).index_add(0, doc_ids, token_logps)
         if not average:
             return sums
-        counts = token_logps.new_zeros(n_sequences).index_add(0, doc_ids[scored],
-                                                              torch.ones_like(token_logps))
+        counts = token_logps.new_zeros(n_sequences).index_add(0, doc_ids, torch.ones_like(token_logps))
         return sums / counts.clamp(min=1)
 
     def set_fp8(self, enabled: bool):

@@ -10,7 +10,8 @@ from torch.nn.attention.flex_attention import create_mask
 
 from hf import build_pair, to_cohere2_config
 from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, attention_rule,
-                   convert_cohere2_state_dict, document_positions, generate, rope_angles, sample, scaled_mm)
+                   convert_cohere2_state_dict, document_positions, generate, rope_rotations, sample,
+                   scaled_mm)
 
 SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
                max_seq_len=64)
@@ -116,8 +117,7 @@ def test_rope_only_in_sliding_layers_nope_in_full_layers_and_both_see_relative_p
     masks = dict(zip((True, False), attention_masks(None, 16, SMALL.window, x.device)))  # by block.sliding
 
     def layer(block, positions):  # one block on its own, at the given positions
-        cos, sin = rope_angles(positions, SMALL.head_dim, SMALL.rope_theta)
-        return block(x, cos, sin, masks[block.sliding])
+        return block(x, rope_rotations(positions, SMALL.head_dim, SMALL.rope_theta), masks[block.sliding])
 
     positions, scrambled = torch.arange(16)[None], torch.randperm(64)[:16][None]
     assert [block.sliding for block in model.blocks] == [True, True, True, False]
@@ -162,6 +162,30 @@ def test_flex_attention_gives_the_dense_mask_sdpa_logits_on_packed_rows_past_the
             logits[kernel] = model(idx, doc_ids=doc_ids), model(idx)
     for flex, sdpa in zip(logits["flex"], logits["sdpa"]):
         assert (flex - sdpa).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("block", [3, 8, 20])
+def test_query_blocks_give_one_sdpa_calls_logits_and_gradients(monkeypatch, block):
+    """Long rows attend in query blocks (model.QUERY_BLOCK), each to the keys it can see; on packed and
+    unpacked rows many windows long, blocks shorter than, equal to and longer than the window (8) give the
+    logits and gradients of one SDPA call over the whole dense mask, and so does a prompt's prefill."""
+    model = make_model(init_std=0.3)
+    doc_ids = torch.tensor([[0] * 13 + [1] * 50 + [2] * 27, [0] * 90])
+    idx = torch.randint(SMALL.vocab_size, (2, 90), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for size in (10_000, block):   # one call, then blocks
+        monkeypatch.setattr("model.QUERY_BLOCK", size)
+        model.zero_grad()
+        packed = model(idx, doc_ids=doc_ids)
+        (packed.square().mean() + model(idx).square().mean()).backward()
+        prompts = [idx[0, :n].tolist() for n in (90, 41)]
+        results[size] = (packed.detach(), [p.grad.clone() for p in model.parameters()],
+                         generate(model, prompts, max_new_tokens=6, temperature=0))
+    (one_logits, one_grads, one_replies), (logits, grads, replies) = results.values()
+    assert (logits - one_logits).abs().max() < 1e-5
+    for got, want in zip(grads, one_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    assert replies == one_replies
 
 
 def test_dense_mask_is_flex_create_mask_of_the_rule_and_the_block_mask_skips_hidden_blocks():
@@ -223,14 +247,22 @@ def test_output_projection_runs_in_fp32_under_bf16_autocast():
     assert relative(loss, cross_entropy(fp32)) < 1e-6 < relative(cross_entropy(bf16), cross_entropy(fp32))
 
 
-def test_model_loss_equals_cross_entropy_of_its_logits():
+def test_model_loss_equals_cross_entropy_of_its_logits_with_the_same_gradients():
+    """The loss projects only the scored positions to logits; loss and gradients are those of the full
+    logits' cross-entropy, with a few or most targets masked; with none scored the loss is 0."""
     model = make_model()
-    idx = torch.randint(SMALL.vocab_size, (2, 30))
-    targets = torch.randint(SMALL.vocab_size, (2, 30))
-    targets[0, :4] = -100
-    with torch.no_grad():
+    idx = torch.randint(SMALL.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    for masked in (4, 50):
+        targets = torch.randint(SMALL.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+        targets.view(-1)[torch.randperm(60, generator=torch.Generator().manual_seed(2))[:masked]] = -100
+        loss = model.loss(idx, targets)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
         expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
-        assert torch.allclose(model.loss(idx, targets), expected, atol=1e-6)
+        expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+        assert torch.allclose(loss, expected, atol=1e-6)
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    assert model.loss(idx, torch.full((2, 30), -100)).item() == 0
 
 
 # --- generation ---------------------------------------------------------------------------------------------
