@@ -8,6 +8,10 @@ Benchmarks (figures in RESULTS.md):
                                                         checkpoints
     python bench.py import [--preset small --shards 5]  peak memory of `hf.py --from-hf` on a random
                                                         sharded bf16 Cohere2 checkpoint
+    python bench.py rows [--scored 0.3]   a training step, a prompt's prefill and RoPE on packed rows of
+                                          256 to 2,048 tokens: model.py against its plain form (one SDPA
+                                          call over the dense mask, every position projected to logits,
+                                          RoPE's pairs split and interleaved again)
 
 Each prints ratios against a baseline measured in the same run (`model` alternates ours, theirs, ours, ...,
 so that both see the same machine load).
@@ -24,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+import model as model_module
 from data import SPECIAL_TOKENS
 from hf import build_pair, to_cohere2_config
-from model import PRESETS, Transformer, generate
+from model import PRESETS, ChunkedCrossEntropy, Transformer, apply_rope, generate, rope_rotations
 
 
 def bench_model(args):
@@ -74,6 +79,64 @@ def bench_model(args):
     full = config.n_layers * length * 2 * config.n_kv_heads * config.head_dim * 4
     print(f"KV cache at {length} tokens (8x window): {cache.nbytes() / 2**20:.2f} MiB with rolling "
           f"sliding-window buffers vs {full / 2**20:.2f} MiB for a full cache = {cache.nbytes() / full:.1%}")
+
+
+def bench_rows(args):
+    """What model.py does on long packed rows against its plain form, alternately in one process: attention
+    in query blocks (model.attend) against one SDPA call over the dense [T, T] mask, and a loss that projects
+    only the scored positions to logits against one that projects them all, RoPE as one complex multiply
+    against its pairs split and interleaved again. Rows hold documents of 64 to T / 2 tokens; a share
+    --scored of the targets is scored (an SFT batch: the replies)."""
+    config = PRESETS[args.preset]
+    torch.manual_seed(0)
+    model = Transformer(config)
+
+    def plain(fn):
+        def run():
+            block, model_module.QUERY_BLOCK = model_module.QUERY_BLOCK, 10**9
+            try:
+                fn()
+            finally:
+                model_module.QUERY_BLOCK = block
+        return run
+
+    print(f"preset {args.preset}, fp32 on {torch.get_num_threads()} CPU threads, {args.tokens} tokens per "
+          f"batch, {args.scored:.0%} of the targets scored")
+    print(f"{'':31}{'plain tok/s':>12}{'model.py':>10}{'ratio':>8}")
+    for seq_len in (256, 512, 1024, 2048):
+        rows = max(1, args.tokens // seq_len)
+        idx = torch.randint(config.vocab_size, (rows, seq_len))
+        lengths = torch.randint(64, seq_len // 2 + 1, (rows, seq_len // 64))
+        doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(n)), n)[:seq_len] for n in lengths])
+        targets = torch.where(torch.rand(rows, seq_len) < args.scored, idx.roll(-1, 1), -100)
+
+        def step_all():
+            hidden = model.hidden_states(idx, doc_ids).flatten(0, 1)
+            ChunkedCrossEntropy.apply(hidden, model.embed.weight, targets.flatten(),
+                                      config.output_scale).backward()
+
+        def prefill():
+            generate(model, idx[:, :seq_len - 1].tolist(), 1, temperature=0)
+
+        q = torch.randn(rows, config.n_heads, seq_len, config.head_dim, requires_grad=True)
+        rotations = rope_rotations(torch.arange(seq_len)[None].expand(rows, -1), config.head_dim,
+                                   config.rope_theta)
+
+        tasks = {"train step": (plain(step_all), lambda: model.loss(idx, targets, doc_ids).backward()),
+                 "prefill (1 new token)": (plain(prefill), prefill),
+                 "RoPE on q, fwd + bwd": (lambda: rope_pairs_apart(q, rotations).sum().backward(),
+                                          lambda: apply_rope(q, rotations).sum().backward())}
+        for name, fns in tasks.items():
+            plain_rate, ours_rate = (idx.numel() / s for s in median_seconds(fns, args.repeats))
+            label = f"{name} @ {seq_len}"
+            print(f"{label:31}{plain_rate:12.0f}{ours_rate:10.0f}{ours_rate / plain_rate:7.2f}x")
+
+
+def rope_pairs_apart(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """model.apply_rope written out: split the interleaved pairs, rotate them, interleave them again."""
+    cos, sin = rotations.real, rotations.imag
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).to(x.dtype)
 
 
 def median_seconds(fns, repeats: int) -> list[float]:
@@ -201,9 +264,16 @@ def main(argv=None):
     hf_import = commands.add_parser("import", help="peak memory of importing a Cohere2 checkpoint")
     hf_import.add_argument("--preset", default="small", choices=PRESETS, help="the checkpoint's preset")
     hf_import.add_argument("--shards", type=int, default=5, help="safetensors shards it is saved in")
+    rows = commands.add_parser("rows", help="long packed rows: query blocks and scored-only logits")
+    rows.add_argument("--preset", default="tiny", choices=PRESETS, help="model preset")
+    rows.add_argument("--tokens", type=int, default=4096, help="tokens per batch (rows x length)")
+    rows.add_argument("--scored", type=float, default=0.3, help="share of the targets that are scored")
+    rows.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up)")
     args = parser.parse_args(argv)
     if args.command == "model":
         bench_model(args)
+    elif args.command == "rows":
+        bench_rows(args)
     elif args.command == "merge":
         bench_merge(args.models, args.preset)
     else:

@@ -12,8 +12,9 @@ PaLM. Two large matmuls per block instead of seven is the throughput win of the 
 cites. `convert_cohere2_state_dict` maps Cohere2's separate projections onto the fused ones.
 
 Masked attention (packed documents, rows longer than the window) runs in flex_attention on GPU, with a block
-mask that lets it skip the blocks the mask hides; SDPA with a dense mask stays the CPU path. Both masks come
-from one rule, `attention_rule`.
+mask that lets it skip the blocks the mask hides; SDPA with a dense mask stays the CPU path, long rows in
+query blocks that each see only the keys they can attend to (`attend`). Both masks come from one rule,
+`attention_rule`. Only the positions a loss scores go through the output projection (`Transformer.loss`).
 
 Also here: FP8 block matmuls with dynamic tensorwise scaling (§2.4.1), the KV-cache generator in which
 sliding-window layers keep a rolling buffer of `window` keys, and parameter and FLOP counts that need no
@@ -256,8 +257,8 @@ def rope_rotations(positions: torch.Tensor, head_dim: int, theta: float) -> torc
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) (GPT-J style, as Cohere2; Llama rotates halves instead): each
-    pair, read as the complex number x[2i] + i x[2i+1], times its rotation. One complex multiply, where
-    rotating the pairs' halves and interleaving them again took 5x longer forward and backward on a CPU."""
+    pair, read as the complex number x[2i] + i x[2i+1], times its rotation: one multiply, where splitting the
+    pairs, rotating and interleaving them again is several (2-3x the time: `python bench.py rows`)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
@@ -314,7 +315,8 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-# Query blocks of dense-masked attention (below)
+# Queries per block of dense-masked attention (attend): of 32, 64, 128 and 256, 128 ran fastest on a CPU at
+# 512 and 2,048 tokens, forward and backward
 QUERY_BLOCK = 128
 
 
@@ -327,8 +329,8 @@ def attend(q, k, v, mask, scale: float | None = None, window: int | None = None)
     SDPA scores every (query, key) pair of a dense mask, hidden or not: O(T^2) where a sliding layer needs
     O(T * window). So a long sequence's queries (q and k the same tokens: training, or a prompt's prefill)
     go in blocks of QUERY_BLOCK, each with the keys it can see: those since the window's start for a sliding
-    layer, the causal prefix for a full one. The same sums up to rounding; at 2,048 tokens a sliding layer
-    runs ~10x faster on a CPU, a full one ~2x (RESULTS.md)."""
+    layer, the causal prefix for a full one: the same sums up to rounding, and a sliding layer's work grows
+    like T * window instead of T^2 (`python bench.py rows`: a training step at 2,048 tokens ~1.9x faster)."""
     if isinstance(mask, BlockMask):
         flex = compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
@@ -493,8 +495,8 @@ class Transformer(nn.Module):
     def loss(self, idx, targets, doc_ids=None, positions=None):
         """Mean next-token cross-entropy over the targets that are not -100 (masked), computed by
         ChunkedCrossEntropy without ever holding all [B, T, vocab] logits. Only the scored positions go
-        through the output projection, a third of a step's FLOPs at the tiny preset: an SFT batch scores
-        its replies, 3-48 % of its tokens (RESULTS.md)."""
+        through the output projection, about 30 % of a step's FLOPs at the tiny preset: an SFT batch scores
+        its replies, 2-44 % of its rows' tokens (RESULTS.md)."""
         targets = targets.flatten()
         scored = targets != -100
         hidden = self.hidden_states(idx, doc_ids, positions).flatten(0, 1)[scored]

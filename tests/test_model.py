@@ -10,8 +10,8 @@ from torch.nn.attention.flex_attention import create_mask
 
 from hf import build_pair, to_cohere2_config
 from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, attention_rule,
-                   convert_cohere2_state_dict, document_positions, generate, rope_rotations, sample,
-                   scaled_mm)
+                   apply_rope, convert_cohere2_state_dict, document_positions, generate, rope_rotations,
+                   sample, scaled_mm)
 
 SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
                max_seq_len=64)
@@ -129,6 +129,24 @@ def test_rope_only_in_sliding_layers_nope_in_full_layers_and_both_see_relative_p
                 assert (layer(block, scrambled) - out).abs().max() > 0.1
             else:  # NoPE: they are never read
                 assert torch.equal(layer(block, scrambled), out)
+
+
+def test_rope_as_one_complex_multiply_equals_rotating_the_pairs_written_out():
+    """apply_rope against bench.py's written-out rotation of each interleaved pair (x[2i], x[2i+1]) by
+    position * theta^(-2i / head_dim), forward and backward."""
+    from bench import rope_pairs_apart
+
+    x = torch.randn(2, 3, 17, 8, requires_grad=True)
+    positions = torch.randint(0, 5000, (2, 17))
+    rotations = rope_rotations(positions, 8, 10000.0)
+    angles = positions[:, None, :, None].double() * 10000.0 ** (-torch.arange(0, 8, 2).double() / 8)
+    assert torch.allclose(rotations.real.double(), angles.cos(), atol=1e-3)
+    assert torch.allclose(rotations.imag.double(), angles.sin(), atol=1e-3)
+    ours, written_out = apply_rope(x, rotations), rope_pairs_apart(x, rotations)
+    assert torch.allclose(ours, written_out, atol=1e-6)
+    grad = torch.randn_like(ours)
+    assert torch.allclose(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(written_out, x, grad)[0],
+                          atol=1e-6)
 
 
 def test_document_positions_restart_per_document():
