@@ -81,8 +81,9 @@ def packed_doc_ids(seq_len: int, generator: torch.Generator) -> torch.Tensor:
 
 def measure_attention(seq_len: int):
     """One layer's attention (CONFIG's heads, bf16) on seq_len tokens of packed documents, forward and
-    backward, through model.attend with the dense mask (SDPA) and with the block mask (flex_attention), for a
-    sliding-window layer and a full one."""
+    backward, through model.attend with the dense mask (SDPA, in query blocks that each see only the keys
+    they can attend to) and with the block mask (flex_attention), for a sliding-window layer and a full
+    one."""
     generator = torch.Generator().manual_seed(0)
     doc_ids = packed_doc_ids(seq_len, generator)
     q = torch.randn(1, CONFIG.n_heads, seq_len, CONFIG.head_dim, generator=generator).cuda().bfloat16()
@@ -99,11 +100,13 @@ def measure_attention(seq_len: int):
         masks = dict(zip(("sliding", "full"), build()))
         print(f"  building both {'block' if flex else 'dense'} masks: {median_ms(build):.2f} ms")
         for layer, mask in masks.items():
+            window = CONFIG.window if layer == "sliding" else None
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            ms = median_ms(lambda: torch.autograd.grad(attend(q, k, v, mask), inputs, grad))
+            ms = median_ms(lambda: torch.autograd.grad(attend(q, k, v, mask, None, window), inputs, grad))
             mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-            out = attend(q, k, v, mask).detach()  # with grad, as timed: no inference-only recompile
+            # with grad, as timed: no inference-only recompile
+            out = attend(q, k, v, mask, None, window).detach()
             results[layer, flex] = ms, mib, out, 100 - mask.sparsity() if flex else 100
     for layer in ("sliding", "full"):
         (sdpa_ms, sdpa_mib, sdpa_out, _), (flex_ms, flex_mib, flex_out, computed) = (
