@@ -16,9 +16,9 @@ Under torchrun each process samples its own prompts with the sharded model (dist
 scores them where they are and keeps its own replay buffer (saved with the checkpoint): a step on P processes
 is one process's step on P x --batch-size prompts, but for the samples drawn.
 
-Reads --init, DATA/tokenizer.json, DATA/copg/CAP.jsonl (offline: code, RAG) or DATA/rl/CAP.jsonl (online),
---sft-data; writes OUT/model.pt, config.json, metrics.jsonl, checkpoint.pt (exact resume, with the replay
-buffers) and ref_logps.pt.
+Reads --init, DATA/tokenizer.json, DATA/copg/CAP.jsonl (offline: code, RAG) or DATA/rl/CAP.jsonl (online, less
+the weight search's evaluate.SELECTION_PROMPTS of every capability), --sft-data; writes OUT/model.pt,
+config.json, metrics.jsonl, checkpoint.pt (exact resume, with the replay buffers) and ref_logps.pt.
 
     python copg.py --capability math                   # online, verifier: runs/tiny/sft-soup -> rl-math
     python copg.py --capability code                   # offline + hybrid SFT: runs/tiny/sft-soup -> rl-code
@@ -42,7 +42,7 @@ from data import (chat_stop_tokens, prompt_completion_sequence, record_indices,
                   render_completion, render_prompt)
 from records import read_jsonl
 from distributed import Runtime, all_reduce_sum, generate_sharded, rank_seed, teardown
-from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, verifier_rewards
+from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, verifier_rewards, without_selection_prompts
 from judges import load_reward_model, reward_model_scores
 from tasks import CAPABILITIES
 
@@ -168,8 +168,8 @@ def main(argv=None):
 
     # data: offline, scored groups with cached reference log-probs; online, prompts with a verifier or an RM
     path = data / args.data_file
-    if online:
-        records = read_jsonl(path, "prompt")  # a prompt and its reply must fit a row
+    if online:   # not the weight search's prompts; a prompt and its reply must fit a row
+        records = without_selection_prompts(read_jsonl(path, "prompt"), data)
         records = drop_too_long(records, [len(render_prompt(enc, r["messages"])) + args.max_new_tokens
                                           for r in records], args.seq_len, f"{path} (with --max-new-tokens)")
         reference = build_model(config, runtime, args.init).requires_grad_(False)

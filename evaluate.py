@@ -55,6 +55,10 @@ HEADLINE = {"instruct": "if_score", "rag": "reward", "multilingual": "exact", "c
 EVAL_MAX_NEW_TOKENS = {"instruct": 48, "rag": 96, "multilingual": 24, "code": 96, "math": 80, "longctx": 24,
                        "safety": 32}
 WIN_PROMPTS = 16   # the win rates' prompts: the first 16 eval records of each capability (longctx: 1-2x)
+# The first SELECTION_PROMPTS prompts of each DATA/rl/CAP.jsonl choose between models: merge.py --search
+# scores its candidates on them (polish.py its phases on the first 16). Online RL leaves them out of
+# training (without_selection_prompts), so that a model's score there is not its memory of them.
+SELECTION_PROMPTS = 24
 # SRPO's self-improvement policy π†(y|x, y′) is the same network reading this ordinary chat continuation: the
 # conversation, the draft y′ as the chatbot's reply, then this user turn; the revision follows (no new
 # tokens).
@@ -76,6 +80,17 @@ def verifier_rewards(enc, records: list[dict], completions: list[list[int]]) -> 
                                                                                 strict=True)]
     with ThreadPoolExecutor() as pool:
         return list(pool.map(lambda job: verifier_reward(*job), jobs))
+
+
+def without_selection_prompts(records: list[dict], data: Path) -> list[dict]:
+    """records less those whose messages are one of any capability's SELECTION_PROMPTS (by content: a prompt
+    can occur twice in a file). A file of fewer than twice as many prompts (a test's world) holds out half."""
+    held = set()
+    for capability in CAPABILITIES:
+        prompts = read_jsonl(Path(data) / "rl" / f"{capability}.jsonl", "prompt")
+        held |= {json.dumps(r["messages"], sort_keys=True)
+                 for r in prompts[:min(SELECTION_PROMPTS, len(prompts) // 2)]}
+    return [record for record in records if json.dumps(record["messages"], sort_keys=True) not in held]
 
 
 @torch.no_grad()

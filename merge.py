@@ -43,7 +43,7 @@ import torch
 
 from common import argument_parser, atomic_save, load_config, model_path, write_json
 from data import load_tokenizer
-from evaluate import HEADLINE, evaluate_capability
+from evaluate import HEADLINE, SELECTION_PROMPTS, evaluate_capability
 from model import Config, Transformer
 
 STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16,
@@ -381,8 +381,9 @@ def main(argv=None):
     search.add_argument("--domains", nargs="+", help="each model's domain (default: its --capability)")
     search.add_argument("--data", default="data/tiny", help="the data folder with rl/ and tokenizer.json")
     search.add_argument("--budget", type=int, default=40, help="candidate merges to evaluate")
-    search.add_argument("--limit", type=int, default=24,
-                        help="records of DATA/rl/DOMAIN.jsonl per domain and candidate")
+    search.add_argument("--limit", type=int, default=SELECTION_PROMPTS,
+                        help="records of DATA/rl/DOMAIN.jsonl per domain and candidate (default: the "
+                             "selection prompts, which online RL does not train on)")
     search.add_argument("--step", type=float, default=0.2, help="weight added to the weakest domain")
     search.add_argument("--sigma", type=float, default=0.3, help="log-normal perturbation scale")
     search.add_argument("--seed", type=int, default=0, help="seed of the perturbations")

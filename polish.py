@@ -49,7 +49,8 @@ import prefopt
 from common import argument_parser, load_model, write_json
 from data import chat_stop_tokens, load_tokenizer, parse_reply, render_prompt
 from records import check_completion, read_jsonl
-from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability
+from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability,
+                      without_selection_prompts)
 from judges import gold_win_rate, load_reward_model, reward_model_scores, win_rate
 from model import generate
 from tasks import CAPABILITIES
@@ -171,12 +172,14 @@ def measured_records(data: Path) -> list[dict]:
 
 
 def training_prompts(data: Path, enc) -> list[dict]:
-    """The phases' prompts: every capability's RL prompts that fit a row with a reply, but those the phases
-    are measured on, by content (a prompt can occur twice in a file): a phase trained on its own measuring
-    prompts would look better than it is, and the stopping rule would keep it for that."""
+    """The phases' prompts: every capability's RL prompts that fit a row with a reply, but the selection
+    prompts (evaluate.without_selection_prompts) and those the phases are measured on (among them in the
+    tiny world): a phase trained on its own measuring prompts would look better than it is, and the stopping
+    rule would keep it for that."""
     measured = {json.dumps(record["messages"], sort_keys=True) for record in measured_records(data)}
     return [record | {"capability": capability} for capability in CAPABILITIES
-            for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")
+            for record in without_selection_prompts(read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt"),
+                                                    data)
             if len(render_prompt(enc, record["messages"])) + MAX_NEW_TOKENS <= SEQ_LEN
             and json.dumps(record["messages"], sort_keys=True) not in measured]
 

@@ -14,7 +14,7 @@ import distributed
 import evaluate
 from conftest import save_reward_model
 from copg import copg_loss
-from data import load_tokenizer, render_completion
+from data import load_tokenizer, render_completion, render_prompt
 from records import read_jsonl
 from prefopt import preference_loss
 
@@ -159,6 +159,29 @@ def test_online_copg_with_the_verifier_replay_and_regularisers_runs_end_to_end(w
     assert [line["replay"] for line in steps] == [2, 4]
     assert all(line["samples_per_s"] > 0 and 0.0 <= line["reward"] <= 1.0 for line in steps)
     assert any("eval_accuracy" in line for line in lines)
+
+
+def test_online_copg_never_samples_the_weight_searchs_selection_prompts(world, parent, tmp_path, monkeypatch):
+    """The first prompts of every rl/CAP.jsonl choose between models (merge.py --search); online CoPG trains
+    on the others only, a copy of a selection prompt later in a file included. (The test's world has 10
+    prompts per capability: the first 5 are held out.)"""
+    enc = load_tokenizer(str(world / "tokenizer.json"))
+    math_prompts = read_jsonl(world / "rl" / "math.jsonl", "prompt")
+    data_file = tmp_path / "prompts.jsonl"   # math's prompts, then a copy of its first: a second occurrence
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in math_prompts + math_prompts[:1]))
+    assert len(evaluate.without_selection_prompts(math_prompts + math_prompts[:1], world)) == 5
+    sampled, generate_sharded = [], copg.generate_sharded
+
+    def recording(model, prompts, *args):
+        sampled.extend(tuple(ids) for ids in prompts)
+        return generate_sharded(model, prompts, *args)
+
+    monkeypatch.setattr(copg, "generate_sharded", recording)
+    run(world, parent, tmp_path / "run", "--capability", "math", "--mode", "online", "--k", "2",
+        "--max-new-tokens", "4", "--steps", "4", "--batch-size", "3", "--no-eval", "--data-file",
+        str(data_file))
+    rendered = [tuple(render_prompt(enc, r["messages"])) for r in math_prompts]
+    assert len(sampled) >= 12 and set(sampled) <= set(rendered[5:])
 
 
 def test_a_restarted_online_run_resumes_exactly(world, parent, tmp_path):
