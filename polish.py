@@ -15,11 +15,11 @@ preference training and online RL, ending on the offline phase, while the gold w
 
 Phases run SRPO, CoPG, SRPO, ... (--rounds SRPO phases at most). After each, the model is measured on the
 first MEASURE_PROMPTS RL prompts of every capability (training entities: the eval sets stay held out), which
-neither phase trains on: the win rates against --reference by the gold judge (verifiers.gold_reward, the
-stand-in for the report's human raters) and by the reward model, and the mean of the capabilities' headline
-metrics. Polishing stops when an SRPO phase does not raise the gold win rate over the previous one; OUT holds
-the best SRPO phase (or the --init model, if no phase beat it), OUT/phases.md the per-phase table (Figure 13)
-and OUT/phase-K-KIND/ each phase's run.
+neither phase trains on (nor on the rest of the weight search's evaluate.SELECTION_PROMPTS): the win rates
+against --reference by the gold judge (verifiers.gold_reward, the stand-in for the report's human raters) and
+by the reward model, and the mean of the capabilities' headline metrics. Polishing stops when an SRPO phase
+does not raise the gold win rate over the previous one; OUT holds the best SRPO phase (or the --init model, if
+no phase beat it), OUT/phases.md the per-phase table (Figure 13) and OUT/phase-K-KIND/ each phase's run.
 
 How this differs from the report:
 1. The SFT loss of the SRPO phase is ours (§3.5 names one for the online phase only), there to keep what the
