@@ -82,15 +82,19 @@ def verifier_rewards(enc, records: list[dict], completions: list[list[int]]) -> 
         return list(pool.map(lambda job: verifier_reward(*job), jobs))
 
 
+def prompt_key(record: dict) -> str:
+    """A record's messages as one string: equal for the same prompt wherever it occurs."""
+    return json.dumps(record["messages"], sort_keys=True)
+
+
 def without_selection_prompts(records: list[dict], data: Path) -> list[dict]:
     """records less those whose messages are one of any capability's SELECTION_PROMPTS (by content: a prompt
     can occur twice in a file). A file of fewer than twice as many prompts (a test's world) holds out half."""
     held = set()
     for capability in CAPABILITIES:
         prompts = read_jsonl(Path(data) / "rl" / f"{capability}.jsonl", "prompt")
-        held |= {json.dumps(r["messages"], sort_keys=True)
-                 for r in prompts[:min(SELECTION_PROMPTS, len(prompts) // 2)]}
-    return [record for record in records if json.dumps(record["messages"], sort_keys=True) not in held]
+        held |= {prompt_key(r) for r in prompts[:min(SELECTION_PROMPTS, len(prompts) // 2)]}
+    return [record for record in records if prompt_key(record) not in held]
 
 
 @torch.no_grad()

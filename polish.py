@@ -49,7 +49,7 @@ import prefopt
 from common import argument_parser, load_model, write_json
 from data import chat_stop_tokens, load_tokenizer, parse_reply, render_prompt
 from records import check_completion, read_jsonl
-from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability,
+from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability, prompt_key,
                       without_selection_prompts)
 from judges import gold_win_rate, load_reward_model, reward_model_scores, win_rate
 from model import generate
@@ -176,12 +176,12 @@ def training_prompts(data: Path, enc) -> list[dict]:
     prompts (evaluate.without_selection_prompts) and those the phases are measured on (among them in the
     tiny world): a phase trained on its own measuring prompts would look better than it is, and the stopping
     rule would keep it for that."""
-    measured = {json.dumps(record["messages"], sort_keys=True) for record in measured_records(data)}
-    return [record | {"capability": capability} for capability in CAPABILITIES
-            for record in without_selection_prompts(read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt"),
-                                                    data)
+    measured = {prompt_key(record) for record in measured_records(data)}
+    prompts = [record | {"capability": capability} for capability in CAPABILITIES
+               for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")]
+    return [record for record in without_selection_prompts(prompts, data)
             if len(render_prompt(enc, record["messages"])) + MAX_NEW_TOKENS <= SEQ_LEN
-            and json.dumps(record["messages"], sort_keys=True) not in measured]
+            and prompt_key(record) not in measured]
 
 
 def phases_table(rows: list[dict]) -> str:
