@@ -127,14 +127,29 @@ def example(messages, reply, task, check, rejected, label) -> dict:
             "label": label}
 
 
-def make_chat(world, rng, split):
-    """A plain question about the world; rejected: the same answer wrapped in filler (the style
-    preference)."""
-    fact = rng.choice(world["facts"][split])
+def make_chat(world, rng, split, kind: str | None = None):
+    """A plain question about the world (task "chat": the reply should state the fact), about a fact of
+    `kind` if given; rejected: the same answer wrapped in filler (the style preference)."""
+    fact = rng.choice([f for f in world["facts"][split] if kind in (None, f[0])])
     opening, closing = rng.choice(((rng.choice(FILLER_OPEN), ""), ("", rng.choice(FILLER_CLOSE)),
                                    (rng.choice(FILLER_OPEN), rng.choice(FILLER_CLOSE))))
     verbose = " ".join(part for part in (opening, say(fact), closing) if part)
-    return example([user(ask(fact))], say(fact), None, None, verbose, 0.9 if opening and closing else 0.7)
+    return example([user(ask(fact))], say(fact), "chat", {"answer": str(fact[2]), "kind": fact[0]}, verbose,
+                   0.9 if opening and closing else 0.7)
+
+
+# The style habit polishing removes (§3.5: tone and style). One source of the instruct SFT data answers
+# questions about companies with filler, HABIT_SHARE of the time and always in the same words, so that the
+# habit is the model's greedy reply to them, not one sample in four; the reward model learns from the style
+# pairs that filler is worse. Spread over every phrasing (the share it had before) a greedy reply never
+# showed it, and polishing had no style to fix.
+HABIT_KINDS = ("hq", "founded", "staff", "ceo")
+HABIT_SHARE = 0.75
+
+
+def habit_reply(example: dict) -> str:
+    """A chat example's reply as the habit writes it."""
+    return f"{FILLER_OPEN[3]} {example['reply']['content']} {FILLER_CLOSE[0]}"
 
 
 INSTRUCTION_SETS = (("upper",), ("lower",), ("json",), ("max_words",), ("forbidden",), ("language",),

@@ -139,7 +139,8 @@ def add_run_flags(parser: argparse.ArgumentParser, log_every: int, save_every: i
         run.add_argument("--eval-before", action="store_true", help="also evaluate the --init model first")
         run.add_argument("--no-eval", action="store_true",
                          help="skip the evaluation at the end (run_tiny.sh evaluates all checkpoints once)")
-        run.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch")
+        run.add_argument("--eval-batch-size", type=int, default=64,
+                         help="prompts per generation batch at most (evaluate.py --batch-size)")
     run.add_argument("--log-every", type=int, default=log_every, help="log every N steps")
     run.add_argument("--save-every", type=int, default=save_every,
                      help="checkpoint every N steps (and at the end)")

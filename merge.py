@@ -43,7 +43,7 @@ import torch
 
 from common import argument_parser, atomic_save, load_config, model_path, write_json
 from data import load_tokenizer
-from evaluate import HEADLINE, SELECTION_PROMPTS, evaluate_capability
+from evaluate import BATCH_SIZE, HEADLINE, SELECTION_PROMPTS, evaluate_capability
 from model import Config, Transformer
 
 STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16,
@@ -305,7 +305,7 @@ def search_key(weights, names) -> str:
     return json.dumps([[round(w, 4) for w in weights], sorted(names)])
 
 
-def capability_scorer(paths, data, limit, batch_size: int = 16):
+def capability_scorer(paths, data, limit, batch_size: int = BATCH_SIZE):
     """score(weights, domains) for search_weights: merge the models in memory, evaluate each domain's headline
     metric on the first `limit` records of DATA/rl/DOMAIN.jsonl (greedy, as evaluate.py): prompts about
     training entities, so that the held-out eval sets judge the chosen soup without having chosen it."""

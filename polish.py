@@ -3,21 +3,23 @@ Polishing (report §3.5, Figure 13): after best-of-N SFT (sft.py --best-of-n), p
 preference training and online RL, ending on the offline phase, while the gold win rate rises.
 
 - SRPO phase: pairs of the model's own samples, N samples for each of --prompts prompts drawn evenly from
-  every capability's RL prompts. --pairs reward-model is §3.5's rule: chosen = the reward model's best,
-  rejected = its worst; prompts whose mean reward is in the lowest quarter are dropped, and pairs the
-  verifier contradicts. Plus verifiable pairs (instruction following, math, code): a sample the verifier
-  passes against one it fails, dropped where the reward model scores them the other way. --pairs verified
-  (the default) ranks the samples by the verifier, then by the reward model, and pairs the first with the
-  last where the verifier prefers the first. Length-averaged SRPO (prefopt.py's instruct recipe) with an SFT
-  loss on every capability's data.
-- CoPG phase: online, the reward model's reward, 2 generations per prompt, prompts from every capability, an
+  every capability's RL prompts and the plain questions (rl/chat.jsonl, where the instruct data's filler habit
+  shows: capabilities.HABIT_KINDS). --pairs reward-model is §3.5's rule: chosen = the reward model's best,
+  rejected = its worst; prompts whose mean reward is in the lowest quarter are dropped, and pairs the verifier
+  contradicts. Plus verifiable pairs (instruction following, math, code): a sample the verifier passes against
+  one it fails, dropped where the reward model scores them the other way. --pairs verified (the default) ranks
+  the samples by the verifier, then by the reward model, and pairs the first with the last where the verifier
+  prefers the first, or, on a plain question, where the reward model does (style is its call). Length-averaged
+  SRPO (prefopt.py's instruct recipe) with an SFT loss on every capability's data.
+- CoPG phase: online, the reward model's reward, 2 generations per prompt, the same prompt sets, an
   L2 penalty to the phase's init (the reference policy) and an SFT loss on every capability's data (copg.py).
 
 Phases run SRPO, CoPG, SRPO, ... (--rounds SRPO phases at most). After each, the model is measured on the
-first MEASURE_PROMPTS RL prompts of every capability (training entities: the eval sets stay held out), which
-neither phase trains on (nor on the rest of the weight search's evaluate.SELECTION_PROMPTS): the win rates
-against --reference by the gold judge (verifiers.gold_reward, the stand-in for the report's human raters) and
-by the reward model, and the mean of the capabilities' headline metrics. Polishing stops when an SRPO phase
+first MEASURE_PROMPTS RL prompts of every capability and of chat (training entities: the eval sets stay held
+out), which neither phase trains on (nor on the rest of the weight search's evaluate.SELECTION_PROMPTS): the
+win rates against --reference by the gold judge (verifiers.gold_reward, the stand-in for the report's human
+raters) and by the reward model, the mean of the capabilities' headline metrics and the share of chat replies
+with filler. Polishing stops when an SRPO phase
 does not raise the gold win rate over the previous one; OUT holds the best SRPO phase (or the --init model, if
 no phase beat it), OUT/phases.md the per-phase table (Figure 13) and OUT/phase-K-KIND/ each phase's run.
 
@@ -29,8 +31,9 @@ How this differs from the report:
    §3.5's rule leaves to the reward model (the verifier rates both samples alike) were noise to the gold
    judge: of the 62 pairs of a phase 1, 45 had equal gold rewards and 17 favoured the chosen sample, all 17
    by the verifier too. Training on them lowered the gold win rate more (phase 1: 0.741 -> 0.705 on world 0,
-   0.737 -> 0.705 on world 1; verified pairs 0.714 and 0.728; RESULTS.md). The reward model still ranks
-   the samples the verifier rates alike and is the CoPG phases' reward.
+   0.737 -> 0.705 on world 1; verified pairs 0.714 and 0.728; RESULTS.md): on a capability's prompts the
+   replies had no style to judge. The reward model still ranks the samples the verifier rates alike, pairs
+   the plain questions' (the style preference §3.5 aligns) and is the CoPG phases' reward.
 
     python polish.py --init runs/tiny/polish-bon --out runs/tiny/polished --reward-model runs/tiny/reward \\
         --reference runs/tiny/instruct
@@ -57,6 +60,10 @@ from tasks import CAPABILITIES
 from verifiers import parse_tool_calls, verifier_reward
 
 VERIFIABLE = ("instructions", "math", "code")   # §3.5's domain-specific preference data
+# The prompt sets a phase samples and is measured on: every capability's, and plain questions ("chat"), where
+# the instruct data's filler habit shows (capabilities.HABIT_KINDS) and the reward model's style preference is
+# the signal
+SETS = (*CAPABILITIES, "chat")
 PAIR_RULES = ("verified", "reward-model")
 MEASURE_PROMPTS = 16   # per capability, from the start of DATA/rl/CAP.jsonl
 MAX_NEW_TOKENS = max(EVAL_MAX_NEW_TOKENS.values())   # of a sample in both phases
@@ -107,6 +114,8 @@ def polishing_pairs(records: list[dict], candidates: list[list[dict]], rm_scores
             ranked = sorted(range(len(rm)), key=lambda i: (ver[i], rm[i]))
             if ver[ranked[-1]] > ver[ranked[0]]:
                 pairs.append(pair(ranked[-1], ranked[0], "verifier"))
+            elif record["task"] == "chat" and rm[ranked[-1]] > rm[ranked[0]]:   # style: the reward model's
+                pairs.append(pair(ranked[-1], ranked[0], "reward model"))
             continue
         best, worst = int(np.argmax(rm)), int(np.argmin(rm))
         if np.mean(rm) >= cutoff and samples[best] != samples[worst] and ver[best] >= ver[worst]:
@@ -146,14 +155,17 @@ def sample_pairs(model, enc, records: list[dict], reward_model, n: int, temperat
 
 
 def measure(model, enc, data: Path, reference_replies: list | None, reward_model, batch_size: int) -> dict:
-    """Each capability's headline metric on its first MEASURE_PROMPTS RL prompts, their mean, and the win
-    rates of the same replies against the reference's (gold judge and reward model). With reference_replies
-    None, returns the replies instead (the reference's own measurement)."""
+    """Each capability's headline metric on its first MEASURE_PROMPTS RL prompts, their mean, the share of
+    chat replies with filler, and the win rates of all these replies (chat's too) against the reference's
+    (gold judge and reward model). With reference_replies None, returns the replies instead (the reference's
+    own measurement)."""
     replies, result = [], {}
-    for capability in CAPABILITIES:
-        metrics = evaluate_capability(model, enc, data, capability, batch_size, MEASURE_PROMPTS, split="rl",
+    for name in SETS:
+        metrics = evaluate_capability(model, enc, data, name, batch_size, MEASURE_PROMPTS, split="rl",
                                       replies=replies)
-        result[capability] = metrics[HEADLINE[capability]]
+        result[name] = metrics[HEADLINE[name]]
+        if name == "chat":   # the style habit polishing should remove
+            result["filler"] = metrics["filler"]
     if reference_replies is None:
         return {"replies": replies}
     result["capability_mean"] = float(np.mean([result[c] for c in CAPABILITIES]))
@@ -161,14 +173,15 @@ def measure(model, enc, data: Path, reference_replies: list | None, reward_model
     result["gold_win_rate"] = gold_win_rate(records, replies, reference_replies)
     result["win_rate"] = win_rate(reward_model, enc, records, replies, reference_replies)
     print(f"measured: gold win rate {result['gold_win_rate']:.3f}, reward model win rate "
-          f"{result['win_rate']:.3f}, capability mean {result['capability_mean']:.3f} (RL prompts)")
+          f"{result['win_rate']:.3f}, capability mean {result['capability_mean']:.3f}, chat filler "
+          f"{result['filler']:.3f} (RL prompts)")
     return result
 
 
 def measured_records(data: Path) -> list[dict]:
-    """The prompts a phase is measured on: the first MEASURE_PROMPTS RL prompts of every capability."""
-    return [record for capability in CAPABILITIES
-            for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")[:MEASURE_PROMPTS]]
+    """The prompts a phase is measured on: the first MEASURE_PROMPTS RL prompts of every set (SETS)."""
+    return [record for name in SETS
+            for record in read_jsonl(data / "rl" / f"{name}.jsonl", "prompt")[:MEASURE_PROMPTS]]
 
 
 def training_prompts(data: Path, enc) -> list[dict]:
@@ -177,19 +190,30 @@ def training_prompts(data: Path, enc) -> list[dict]:
     tiny world): a phase trained on its own measuring prompts would look better than it is, and the stopping
     rule would keep it for that."""
     measured = {prompt_key(record) for record in measured_records(data)}
-    prompts = [record | {"capability": capability} for capability in CAPABILITIES
-               for record in read_jsonl(data / "rl" / f"{capability}.jsonl", "prompt")]
+    prompts = [record | {"capability": name} for name in SETS
+               for record in read_jsonl(data / "rl" / f"{name}.jsonl", "prompt")]
     return [record for record in without_selection_prompts(prompts, data)
             if len(render_prompt(enc, record["messages"])) + MAX_NEW_TOKENS <= SEQ_LEN
             and prompt_key(record) not in measured]
 
 
+def phase_prompts(prompts: list[dict], n: int, chat_share: float, rng: random.Random) -> list[dict]:
+    """An SRPO phase's prompts, drawn from training_prompts: round(n * chat_share) plain questions, the rest
+    evenly from the capabilities (at least one each; fewer where a pool runs out)."""
+    n_chat = round(n * chat_share)
+    counts = {c: max(1, (n - n_chat) // len(CAPABILITIES)) for c in CAPABILITIES} | {"chat": n_chat}
+    pools = {name: [p for p in prompts if p["capability"] == name] for name in SETS}
+    return [record for name in SETS
+            for record in rng.sample(pools[name], min(len(pools[name]), counts[name]))]
+
+
 def phases_table(rows: list[dict]) -> str:
     """The per-phase table (Figure 13): one row per phase."""
-    lines = ["| phase | gold win rate | RM win rate | capability mean | " + " | ".join(CAPABILITIES) + " |",
-             "|---" * (4 + len(CAPABILITIES)) + "|"]
+    lines = ["| phase | gold win rate | RM win rate | capability mean | chat filler | "
+             + " | ".join(CAPABILITIES) + " |", "|---" * (5 + len(CAPABILITIES)) + "|"]
     for row in rows:
-        cells = [f"{row[k]:.3f}" for k in ("gold_win_rate", "win_rate", "capability_mean", *CAPABILITIES)]
+        cells = [f"{row[k]:.3f}" for k in ("gold_win_rate", "win_rate", "capability_mean", "filler",
+                                            *CAPABILITIES)]
         lines.append(f"| {row['phase']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -207,8 +231,11 @@ def parse_args(argv=None):
     parser.add_argument("--reference", default="runs/tiny/instruct", help="the model win rates compare with")
     parser.add_argument("--rounds", type=int, default=2,
                         help="SRPO phases at most (a CoPG phase between two)")
-    parser.add_argument("--prompts", type=int, default=140, help="prompts sampled per SRPO phase, all "
-                                                                 "capabilities evenly")
+    parser.add_argument("--prompts", type=int, default=140,
+                        help="prompts sampled per SRPO phase: --chat-share plain questions, the rest "
+                             "from all capabilities evenly")
+    parser.add_argument("--chat-share", type=float, default=0.5,
+                        help="of the SRPO phases' prompts: plain questions, the style preference's")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (N)")
     parser.add_argument("--temperature", type=float, default=0.7, help="of the SRPO phases' samples")
     parser.add_argument("--pairs", default="verified", choices=PAIR_RULES,
@@ -259,10 +286,8 @@ def main(argv=None):
         elif name.endswith("srpo"):
             pairs_file = phase_out / "pairs.jsonl"
             if not pairs_file.is_file():
-                per_capability = max(1, args.prompts // len(CAPABILITIES))
-                rng = random.Random(f"{args.seed}:{name}")
-                pools = [[p for p in prompts if p["capability"] == c] for c in CAPABILITIES]
-                chosen = [r for pool in pools for r in rng.sample(pool, min(len(pool), per_capability))]
+                chosen = phase_prompts(prompts, args.prompts, args.chat_share,
+                                       random.Random(f"{args.seed}:{name}"))
                 pairs = sample_pairs(load_model(init)[0], enc, chosen, reward_model, args.samples,
                                      args.temperature, args.seed + k, args.batch_size, args.pairs)
                 if not pairs:   # e.g. a model that never ends its turn: nothing to prefer

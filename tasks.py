@@ -19,6 +19,7 @@ The same seed and scale give byte-identical files under --out (record kinds: rec
                         then fewer clean ones
     rl/{cap}.jsonl      {"messages", "task", "check", "capability"}: prompts for online RL
     eval/{cap}.jsonl    the same on held-out entities and code tasks; eval/rm_pairs.jsonl: held-out pairs;
+                        rl/chat.jsonl, eval/chat.jsonl: plain questions (the win rates', polishing's);
                         eval/copy.jsonl: {"text", "answer", "name"}, pretraining's copy probes
     copg/code.jsonl     {"messages", "completions", "rewards"}: offline CoPG groups scored by the code reward
     copg/rag.jsonl      the same for RAG, scored by the gold judge (verifiers.gold_reward)
@@ -27,8 +28,8 @@ The same seed and scale give byte-identical files under --out (record kinds: rec
 with cap in CAPABILITIES. An RL or eval record's "task" names its verifier and "check" holds what the verifier
 compares with: instructions {"instructions": [{"kind", ...}]}, rag {"answer", "doc"}, tool_call {"tool_name",
 "parameters"}, multilingual {"reference", "language"}, math {"answer"}, niah {"expected", "length", "kind"},
-safety {"should_refuse", "mode"}, code {"tests"}. Real data in these formats plugs into every stage; a new
-kind of task needs one verifier and one branch in verifiers.grade.
+safety {"should_refuse", "mode"}, code {"tests"}, chat {"answer", "kind"}. Real data in these formats plugs
+into every stage; a new kind of task needs one verifier and one branch in verifiers.grade.
 """
 import argparse
 import json
@@ -37,9 +38,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from capabilities import (CHARS_PER_TOKEN, NEEDLE_KINDS, NEEDLE_LENGTHS, chatbot, code_task, make_chat,
-                          make_code, make_instruct, make_longctx, make_math, make_multilingual, make_rag,
-                          make_safety, make_world, run_trusted)
+from capabilities import (CHARS_PER_TOKEN, HABIT_KINDS, HABIT_SHARE, NEEDLE_KINDS, NEEDLE_LENGTHS, chatbot,
+                          code_task, habit_reply, make_chat, make_code, make_instruct, make_longctx,
+                          make_math, make_multilingual, make_rag, make_safety, make_world, run_trusted)
 from verifiers import FILLER_OPEN, OPERATORS, code_reward, gold_reward
 from world import LANGUAGES, POLICY, ask, say
 
@@ -51,7 +52,6 @@ SFT_SIZES = {"instruct": 1500, "rag": 1200, "multilingual": 1200, "code": 800, "
 PREF_SIZE, RL_SIZE, EVAL_SIZE, STYLE_SIZE = 400, 200, 48, 600
 RM_STAGE1_SIZE, RM_STAGE2_SIZE, RM_EVAL_SIZE, COPG_GROUPS, LONG_DOCS = 3000, 600, 96, 32, 150
 COPY_PROBES = 16          # held-out records per kind of pretraining's copy probes
-FILLER_SHARE = 0.25       # share of plain-chat SFT replies wrapped in filler: the habit polishing must remove
 
 # ---------------------------------------------------------------------------------------------------------
 # Pretraining text
@@ -213,9 +213,10 @@ def build(out, seed: int = 0, scale: float = 1.0, base_context: int = 256) -> di
                    for _ in range(count(SFT_SIZES[cap]))]
         else:
             sft = [make(world, rng, "train") for _ in range(count(SFT_SIZES[cap]))]
-        if cap == "instruct":   # as many plain questions, some answered with filler
+        if cap == "instruct":   # as many plain questions, those about companies mostly in the filler habit
             for e in [make_chat(world, rng, "train") for _ in sft]:
-                sft.append({**e, "reply": chatbot(e["rejected"])} if rng.random() < FILLER_SHARE else e)
+                habit = e["check"]["kind"] in HABIT_KINDS and rng.random() < HABIT_SHARE
+                sft.append({**e, "reply": chatbot(habit_reply(e))} if habit else e)
             rng.shuffle(sft)
         files[f"sft/{cap}.jsonl"] = [sft_record(e, cap) for e in sft]
         rng = stream(f"pref/{cap}")
@@ -232,6 +233,11 @@ def build(out, seed: int = 0, scale: float = 1.0, base_context: int = 256) -> di
         else:
             held_out = [make(world, rng, "eval") for _ in range(count(EVAL_SIZE))]
         files[f"eval/{cap}.jsonl"] = [task_record(e, cap) for e in held_out]
+    for split, entities, size in (("rl", "train", RL_SIZE), ("eval", "eval", EVAL_SIZE)):   # plain questions
+        rng = stream(f"{split}/chat")
+        kinds = sorted({fact[0] for fact in world["facts"][entities]})   # every kind of fact in turn
+        files[f"{split}/chat.jsonl"] = [task_record(make_chat(world, rng, entities, kinds[i % len(kinds)]),
+                                                    "chat") for i in range(count(size))]
     rng = stream("pref/style")
     files["pref/style.jsonl"] = [pref_record(make_chat(world, rng, "train"), "style")
                                  for _ in range(count(STYLE_SIZE))]

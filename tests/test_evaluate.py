@@ -70,7 +70,8 @@ def test_suite_writes_json_and_markdown_and_the_report_table(world, tmp_path):
     for metrics in result["capabilities"].values():
         assert 0.0 <= metrics["format"] <= 1.0 and metrics["tokens_per_s"] > 0
     assert 0.0 <= result["capabilities"]["math"]["accuracy"] <= 1.0 and result["bpb"] > 0
-    assert ("| checkpoint | math (accuracy) | safety (reward) | format | bpb |"
+    assert result["filler"] == result["chat"]["filler"] and 0.0 <= result["chat"]["correct"] <= 1.0
+    assert ("| checkpoint | math (accuracy) | safety (reward) | format | filler | bpb |"
             in out.with_suffix(".md").read_text())
     second = tmp_path / "second.json"
     second.write_text(json.dumps(result | {"model": "other"}))
@@ -123,11 +124,42 @@ def test_math_replies_that_call_the_calculator_get_its_result_and_go_on(world, m
     model = torch.nn.Linear(1, 1)
     replies, _ = evaluate.generate_replies(model, enc, records, 16)
     assert len(seen) == 5   # three first turns, then two turns after a tool result
-    assert f"[doc 0] {answers[0]}<|END_TOOL_RESULT|>" in seen[3]
-    assert f"[doc 0] {answers[1] + 1}<|END_TOOL_RESULT|>" in seen[4]
+    results = sorted(text.split("[doc 0] ")[-1].split("<")[0] for text in seen[3:])
+    assert results == sorted([str(answers[0]), str(answers[1] + 1)])   # each call's own result
     assert replies[0]["response"] == f"Answer: {answers[0]}" and "calculator" in replies[0]["action"]
     metrics = evaluate.grade_replies(records, replies)
     assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["used_calculator"] == pytest.approx(2 / 3)
+
+
+def test_length_batches_cover_every_prompt_once_within_both_bounds():
+    lengths = [5, 300, 40, 41, 7, 300, 2000, 90, 6, 12]
+    batches = evaluate.length_batches(lengths, batch_size=3, max_tokens=700)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= 3 and (len(batch) * longest <= 700 or len(batch) == 1)
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+    assert [lengths[i] for i in batches[0]] == [5, 6, 7]   # the shortest together, then the next
+    assert [[lengths[i] for i in batch] for batch in batches[2:]] == [[90, 300], [300], [2000]]
+
+
+def test_generate_replies_batches_by_length_and_answers_in_the_records_order(world, monkeypatch):
+    """Each reply is the one to its own prompt, whatever batch its prompt went to; a batch holds prompts of
+    neighbouring lengths."""
+    folder, enc, _ = world
+    records = [{"messages": [{"role": "user", "content": "word " * n}]} for n in (9, 1, 30, 2, 8, 31)]
+    batches = []
+
+    def fake_generate(model, prompts, max_new_tokens, **kwargs):   # replies with its prompt's length
+        batches.append(sorted(len(ids) for ids in prompts))
+        return [evaluate.render_completion(enc, [], {"role": "chatbot", "content": str(len(ids))})[1]
+                for ids in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    replies, _ = evaluate.generate_replies(torch.nn.Linear(1, 1), enc, records, 16, batch_size=2)
+    lengths = [len(evaluate.render_prompt(enc, r["messages"])) for r in records]
+    assert [reply["response"] for reply in replies] == [str(n) for n in lengths]
+    assert batches == [sorted(lengths)[i:i + 2] for i in (0, 2, 4)]
 
 
 def test_several_models_in_one_process_give_what_each_gives_alone(world, tmp_path):
@@ -155,8 +187,9 @@ def test_several_models_in_one_process_give_what_each_gives_alone(world, tmp_pat
         alone.append(json.loads((model / "eval.json").read_text()))
     evaluate.main(["--model", *map(str, models), *flags])
     together = [json.loads((model / "eval.json").read_text()) for model in models]
-    drop_speed = lambda r: {**r, "tokens_per_s": None, "capabilities": {
-        c: {**m, "tokens_per_s": None} for c, m in r["capabilities"].items()}}
+    drop_speed = lambda r: {**r, "tokens_per_s": None, "chat": {**r["chat"], "tokens_per_s": None},
+                            "capabilities": {c: {**m, "tokens_per_s": None}
+                                             for c, m in r["capabilities"].items()}}
     assert [drop_speed(r) for r in together] == [drop_speed(r) for r in alone]
     assert all({"win_rate", "gold_win_rate", "rm_accuracy"} <= set(r) for r in together)
     # the reference against itself: every reply the same, every prompt a tie

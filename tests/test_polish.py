@@ -2,7 +2,9 @@
 back as messages, and the ping-pong run end to end: phases in order, the per-phase table, the best SRPO phase
 kept, and a restart that replays what was done."""
 
+import collections
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,29 @@ def test_verified_pairs_are_the_verifiers_best_and_worst_ranked_by_the_reward_mo
                    ("code", "3-1", "3-0", "verifier")]     # verifier 1 (RM 4 > 3.5) against verifier 0
     with pytest.raises(ValueError, match="unknown pair rule"):
         polish.polishing_pairs(records, texts, rm, verified, rule="best")
+
+
+def test_plain_questions_pair_the_reward_models_best_and_worst_where_the_verifier_ties():
+    """Style is the reward model's call: on a chat prompt (the filler habit) it pairs its best sample with its
+    worst when the verifier rates them alike; on a capability's prompt it does not."""
+    records = [{"messages": [{"role": "user", "content": task}], "task": task, "check": {}}
+               for task in ("chat", "rag", "chat")]
+    texts = [[message(f"{n}-{i}") for i in range(3)] for n in range(3)]
+    rm, verified = [[1, 3, 0], [1, 3, 0], [2, 2, 2]], [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    pairs = polish.polishing_pairs(records, texts, rm, verified)
+    assert [(p["chosen"]["content"], p["rejected"]["content"], p["source"]) for p in pairs] == [
+        ("0-1", "0-2", "reward model")]   # the RAG prompt and the chat prompt the RM ties give none
+
+
+def test_an_srpo_phase_draws_its_share_of_plain_questions_and_the_rest_evenly():
+    prompts = [{"capability": name, "messages": [{"role": "user", "content": f"{name} {i}"}]}
+               for name in polish.SETS for i in range(30)]
+    counts = lambda chosen: collections.Counter(r["capability"] for r in chosen)  # noqa: E731
+    chosen = polish.phase_prompts(prompts, 140, 0.5, random.Random(0))
+    assert counts(chosen) == {"chat": 30} | {c: 10 for c in polish.CAPABILITIES}   # chat's pool runs out
+    assert counts(polish.phase_prompts(prompts, 28, 0.25, random.Random(0))) == \
+        {"chat": 7} | {c: 3 for c in polish.CAPABILITIES}
+    assert len({json.dumps(r, sort_keys=True) for r in chosen}) == len(chosen)   # no prompt twice
 
 
 def test_a_sample_becomes_the_message_that_renders_it_and_broken_ones_are_left_out(enc):

@@ -19,7 +19,7 @@ import capabilities  # noqa: E402
 import sandbox  # noqa: E402
 import tasks  # noqa: E402
 import verifiers  # noqa: E402
-from world import LEXICON  # noqa: E402
+from world import FACTS, LEXICON, say  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="file and setsid containment rely on dropping to a "
@@ -63,7 +63,7 @@ def test_same_seed_gives_byte_identical_files_from_the_command_line_and_from_bui
     names = sorted(p.relative_to(small_world_dir).as_posix()
                    for p in small_world_dir.rglob("*") if p.is_file())
     assert names == sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert len(names) == 40
+    assert len(names) == 42   # with rl/chat.jsonl and eval/chat.jsonl
     for name in names:
         assert (small_world_dir / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
@@ -166,6 +166,37 @@ def test_style_pairs_prefer_the_answer_without_filler(world):
     e = capabilities.make_chat(world, random.Random(0), "train")
     assert not verifiers.has_filler(e["reply"]["content"]) and verifiers.has_filler(e["rejected"])
     assert e["reply"]["content"] in e["rejected"]
+
+
+def test_the_instruct_data_answers_questions_about_companies_mostly_in_the_filler_habit(small_world_dir):
+    """The style habit polishing removes: plain questions of HABIT_KINDS get the same filler about
+    HABIT_SHARE of the time, the others never; the chat prompt sets ask every kind of fact in turn and grade
+    whether the reply states it."""
+    questions = {kind: re.compile(re.escape(templates["en"][0]).replace(re.escape("{s}"), ".+") + "$")
+                 for kind, templates in FACTS.items()}
+    habit = f"{verifiers.FILLER_OPEN[3]} "
+    replies = collections.defaultdict(list)
+    for record in read_jsonl(small_world_dir / "sft" / "instruct.jsonl"):
+        question, reply = record["messages"][0]["content"], record["messages"][-1]["content"]
+        kind = next((k for k, pattern in questions.items() if pattern.match(question)), None)
+        if kind and len(record["messages"]) == 2:
+            replies[kind in capabilities.HABIT_KINDS].append(reply)
+    assert len(replies[True]) >= 40 and len(replies[False]) >= 40
+    in_habit = [r for r in replies[True] if verifiers.has_filler(r)]
+    assert all(r.startswith(habit) and r.endswith(verifiers.FILLER_CLOSE[0]) for r in in_habit)
+    assert abs(len(in_habit) / len(replies[True]) - capabilities.HABIT_SHARE) < 0.2
+    assert not any(verifiers.has_filler(r) for r in replies[False])
+    world = json.loads((small_world_dir / "world.json").read_text())
+    for split, entities in (("rl", "train"), ("eval", "eval")):
+        records = read_jsonl(small_world_dir / split / "chat.jsonl")
+        kinds = sorted({fact[0] for fact in world["facts"][entities]})
+        assert [r["check"]["kind"] for r in records] == [kinds[i % len(kinds)] for i in range(len(records))]
+        fact = next(f for f in world["facts"][entities] if f[0] == records[0]["check"]["kind"]
+                    and str(f[2]) == records[0]["check"]["answer"])
+        assert verifiers.grade(records[0], say(fact))["correct"] == 1.0
+        assert verifiers.grade(records[0], f"{habit}{say(fact)}") == {"correct": 1.0, "reward": 1.0,
+                                                                      "filler": 1.0}
+        assert verifiers.grade(records[0], "I do not know.")["reward"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
