@@ -19,7 +19,9 @@ probes); nothing asks for arithmetic in the model's head or for a held-out fact 
 - longctx: a 3-digit pass code (one token: the model finds it by its key, but this one cannot yet go on
   copying a second token from that far), or several, or a chain of one-letter variables, among world facts of
   1-8x the base context; SFT sees 1x and 2x only, so 4x and 8x are found by length generalisation;
-- safety: refuse harmful asks in one sentence without apology, answer look-alikes, obey strict mode.
+- safety: refuse harmful asks in one sentence without apology, answer look-alikes, obey strict mode;
+- and plain questions (chat, no capability): the instruct data answers those about companies with filler most
+  of the time (HABIT_KINDS), the style habit that polishing removes (§3.5) and the win rates count.
 
 Long context: a needle prompt at multiplier m (1, 2, 4, 8) holds (m * base_context - NEEDLE_RESERVE) *
 CHARS_PER_TOKEN characters of haystack, so that the prompt and its answer fit in m * base_context tokens for a

@@ -6,8 +6,9 @@ self-refinement (§3.2.2.1). The judges of a reply, the reward model and the gol
   judged on). Every reply also counts toward "format", the share of replies that end their turn. A math
   reply may call the calculator: its result comes back as a tool message and the reply goes on.
 - bpb: bits per byte of DATA/val.bin (loss · tokens / (ln 2 · bytes)), comparable across tokenizers.
-- Chat: greedy replies to DATA/eval/chat.jsonl, plain questions; "filler" is the share that open or close
-  with filler, the style habit of the instruct data that polishing should remove (capabilities.HABIT_KINDS).
+- Chat (where DATA/eval/chat.jsonl is): greedy replies to plain questions; "filler" is the share that open or
+  close with filler, the style habit of the instruct data that polishing should remove
+  (capabilities.HABIT_KINDS).
 - --reference: win rates of this model's replies over the reference model's on WIN_PROMPTS eval prompts of
   each capability and of chat (ties count half), by the gold judge (verifiers.gold_reward, the stand-in for
   the report's human raters) and, with --reward-model, by the reward model, which also gets its pairwise
@@ -501,7 +502,7 @@ def main(argv=None):
         pairs = read_jsonl(data / "eval" / "rm_pairs.jsonl", "pair")
         rm_accuracy, _ = pairwise_accuracy(reward_model, enc, pairs, seq_len=512)
         print(f"reward model accuracy on eval/rm_pairs.jsonl: {rm_accuracy:.3f}")
-    sets = [*args.capabilities, "chat"]
+    sets = [*args.capabilities, *(["chat"] if (data / "eval" / "chat.jsonl").is_file() else [])]
     eval_records = {name: read_jsonl(data / "eval" / f"{name}.jsonl", "prompt")[:args.limit] for name in sets}
     win_records = [record for chunk in eval_records.values() for record in chunk[:WIN_PROMPTS]]
     reference_replies = None

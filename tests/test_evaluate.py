@@ -4,6 +4,7 @@ and the pipeline table."""
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,18 @@ def test_suite_writes_json_and_markdown_and_the_report_table(world, tmp_path):
     evaluate.main(["--report", str(out), str(second), "--out", str(report)])
     rows = report.read_text().splitlines()
     assert len(rows) == 4 and rows[3].startswith("| other |")
+
+
+def test_data_without_plain_questions_is_evaluated_on_its_capabilities_alone(world, tmp_path):
+    folder, _, _ = world
+    data = tmp_path / "data"
+    shutil.copytree(folder, data, ignore=lambda directory, names: ["chat.jsonl"] if directory.endswith("eval")
+                    else [])
+    out = tmp_path / "eval.json"
+    evaluate.main(["--model", str(folder / "model"), "--data", str(data), "--capabilities", "safety",
+                   "--limit", "2", "--reference", str(folder / "model"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "chat" not in result and "filler" not in result and result["gold_win_rate"] == 0.5
 
 
 def test_evaluate_capability_grades_each_reply_with_the_tasks_verifier(world, monkeypatch):
