@@ -2,15 +2,16 @@
 Polishing (report §3.5, Figure 13): after best-of-N SFT (sft.py --best-of-n), ping-pong between offline
 preference training and online RL, ending on the offline phase, while the gold win rate rises.
 
-- SRPO phase: pairs of the model's own samples, N samples for each of --prompts prompts drawn evenly from
-  every capability's RL prompts and the plain questions (rl/chat.jsonl, where the instruct data's filler habit
-  shows: capabilities.HABIT_KINDS). --pairs reward-model is §3.5's rule: chosen = the reward model's best,
-  rejected = its worst; prompts whose mean reward is in the lowest quarter are dropped, and pairs the verifier
-  contradicts. Plus verifiable pairs (instruction following, math, code): a sample the verifier passes against
-  one it fails, dropped where the reward model scores them the other way. --pairs verified (the default) ranks
-  the samples by the verifier, then by the reward model, and pairs the first with the last where the verifier
-  prefers the first, or, on a plain question, where the reward model does (style is its call). Length-averaged
-  SRPO (prefopt.py's instruct recipe) with an SFT loss on every capability's data.
+- SRPO phase: pairs of the model's own samples, N samples for each of --prompts prompts: --chat-share of them
+  plain questions (rl/chat.jsonl, where the instruct data's filler habit shows: capabilities.HABIT_KINDS), the
+  rest drawn evenly from every capability's RL prompts. --pairs reward-model is §3.5's rule: chosen = the
+  reward model's best, rejected = its worst; prompts whose mean reward is in the lowest quarter are dropped,
+  and pairs the verifier contradicts. Plus verifiable pairs (instruction following, math, code): a sample the
+  verifier passes against one it fails, dropped where the reward model scores them the other way. --pairs
+  verified (the default) ranks the samples by the verifier, then by the reward model, and pairs the first with
+  the last where the verifier prefers the first, or, on a plain question, where the reward model does (style
+  is its call). Length-averaged SRPO (prefopt.py's instruct recipe) with an SFT loss on every capability's
+  data.
 - CoPG phase: online, the reward model's reward, 2 generations per prompt, the same prompt sets, an
   L2 penalty to the phase's init (the reference policy) and an SFT loss on every capability's data (copg.py).
 
@@ -34,6 +35,9 @@ How this differs from the report:
    0.737 -> 0.705 on world 1; verified pairs 0.714 and 0.728; RESULTS.md): on a capability's prompts the
    replies had no style to judge. The reward model still ranks the samples the verifier rates alike, pairs
    the plain questions' (the style preference §3.5 aligns) and is the CoPG phases' reward.
+4. Half of an SRPO phase's prompts are plain questions (the report does not give its mixture): with one in
+   eight (17 of 136) a phase had 5-8 style pairs and the filler habit came back in the next phases; with 70
+   it had 20 and the habit went (RESULTS.md).
 
     python polish.py --init runs/tiny/polish-bon --out runs/tiny/polished --reward-model runs/tiny/reward \\
         --reference runs/tiny/instruct
