@@ -535,7 +535,7 @@ def main(argv=None):
             else:   # the first of the capability evaluation's replies
                 ours = [reply for name in sets for reply in replies[name][:WIN_PROMPTS]]
             result["gold_win_rate"] = gold_win_rate(win_records, ours, reference_replies)
-            print(f"win rate against {args.reference} on {len(win_records)} prompts of every capability: "
+            print(f"win rate against {args.reference} on {len(win_records)} prompts of every set: "
                   f"gold judge {result['gold_win_rate']:.3f}", end="")
             if reward_model:
                 result["win_rate"] = win_rate(reward_model, enc, win_records, ours, reference_replies)

@@ -20,9 +20,9 @@ first MEASURE_PROMPTS RL prompts of every capability and of chat (training entit
 out), which neither phase trains on (nor on the rest of the weight search's evaluate.SELECTION_PROMPTS): the
 win rates against --reference by the gold judge (verifiers.gold_reward, the stand-in for the report's human
 raters) and by the reward model, the mean of the capabilities' headline metrics and the share of chat replies
-with filler. Polishing stops when an SRPO phase
-does not raise the gold win rate over the previous one; OUT holds the best SRPO phase (or the --init model, if
-no phase beat it), OUT/phases.md the per-phase table (Figure 13) and OUT/phase-K-KIND/ each phase's run.
+with filler. Polishing stops when an SRPO phase does not raise the gold win rate over the previous one; OUT
+holds the best SRPO phase (or the --init model, if no phase beat it), OUT/phases.md the per-phase table
+(Figure 13) and OUT/phase-K-KIND/ each phase's run.
 
 How this differs from the report:
 1. The SFT loss of the SRPO phase is ours (§3.5 names one for the online phase only), there to keep what the
@@ -69,7 +69,7 @@ VERIFIABLE = ("instructions", "math", "code")   # §3.5's domain-specific prefer
 # the signal
 SETS = (*CAPABILITIES, "chat")
 PAIR_RULES = ("verified", "reward-model")
-MEASURE_PROMPTS = 16   # per capability, from the start of DATA/rl/CAP.jsonl
+MEASURE_PROMPTS = 16   # per set (SETS), from the start of DATA/rl/NAME.jsonl
 MAX_NEW_TOKENS = max(EVAL_MAX_NEW_TOKENS.values())   # of a sample in both phases
 SEQ_LEN = 512   # both phases' rows: the prompts are those that fit one with a reply
 
