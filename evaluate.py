@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from common import load_model, model_path, to_device, write_json
-from data import (BOS, END_OF_TURN, IGNORE, SPECIAL_TOKENS, START_ACTION, START_THINKING, chat_stop_tokens,
+from data import (END_OF_TURN, IGNORE, SPECIAL_TOKENS, START_ACTION, START_THINKING, chat_stop_tokens,
                   load_tokenizer, open_shard, parse_reply, render_completion, render_prompt, shard_batch)
 from distributed import Runtime, all_reduce_sum, autocast
 from judges import gold_win_rate, load_reward_model, pairwise_accuracy, reply_text, win_rate
@@ -241,28 +241,6 @@ def validation_loss(model, enc, shard, n_batches: int, batch_size: int, seq_len:
     return nats / n_tokens, nats / (math.log(2) * n_bytes)
 
 
-@torch.no_grad()
-def copy_accuracy(model, enc, probes: list[dict], runtime: Runtime) -> dict:
-    """The copy probes (tasks.copy_probes): the share of the answers' tokens that the model predicts, each
-    greedily given the text and the answer's tokens before it (teacher forcing), by probe name:
-    {"copy_math": ..., "copy_needle@1x": ...}. Per token rather than per answer, so that the learning curve
-    shows the skill forming. Every rank scores every probe (the model may be sharded)."""
-    was_training = model.training
-    model.eval()
-    bos, correct = enc.encode_single_token(BOS), {}
-    for probe in probes:
-        prompt = [bos] + enc.encode_ordinary(probe["text"])
-        ids = [bos] + enc.encode_ordinary(probe["text"] + probe["answer"])
-        if ids[:len(prompt)] != prompt:
-            raise ValueError(f"copy probe answer {probe['answer']!r} merges with the text before it")
-        with autocast(runtime):
-            logits = model(torch.tensor([ids[:-1]], device=runtime.device))
-        predicted = logits[0, len(prompt) - 1:].argmax(-1).tolist()
-        correct.setdefault(probe["name"], []).extend(p == t for p, t in zip(predicted, ids[len(prompt):]))
-    model.train(was_training)
-    return {f"copy_{name}": sum(hits) / len(hits) for name, hits in correct.items()}
-
-
 def bits_per_byte(model, enc, data: Path, seq_len: int = 256) -> float:
     """Bits per byte over DATA/val.bin, every window of seq_len targets once (validation_loss)."""
     val = open_shard(Path(data) / "val.bin", enc)
@@ -340,18 +318,6 @@ def refine(model, enc, messages: list[dict], n_revisions: int, max_new_tokens: i
     """refine_batch for one conversation: its n_revisions + 1 completions (token ids; [-1] the final
     answer)."""
     return refine_batch(model, enc, [messages], n_revisions, max_new_tokens, temperature, top_p, generator)[0]
-
-
-def evaluate_refinement(model, enc, records: list[dict], n_revisions: int, max_new_tokens: int,
-                        batch_size: int = BATCH_SIZE) -> list[dict]:
-    """grade_replies of greedy replies to eval records after 0, 1, ..., n_revisions revisions: one dict of
-    mean metrics per number of revisions."""
-    completions = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        completions += refine_batch(model, enc, [r["messages"] for r in chunk], n_revisions, max_new_tokens)
-    return [grade_replies(records, [parse_reply(enc, history[revisions]) for history in completions])
-            for revisions in range(n_revisions + 1)]
 
 
 # -----------------------------------------------------------------------------

@@ -30,10 +30,11 @@ from common import (PREF_LR_SCALE, Logger, add_run_flags, argument_parser, build
                     generation_model, load_checkpoint, lr_factor, make_optimizer, open_stage, optimizer_step,
                     packed_logps, reference_logps, save_checkpoint, save_model, set_lr, sft_sequences,
                     sft_step_loss)
-from data import prompt_completion_sequence, record_indices, render_completion
+from data import parse_reply, prompt_completion_sequence, record_indices, render_completion
 from records import read_jsonl
 from distributed import all_reduce_sum, teardown
-from evaluate import EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, evaluate_refinement, revision_prompt
+from evaluate import (BATCH_SIZE, EVAL_MAX_NEW_TOKENS, HEADLINE, evaluate_capability, grade_replies,
+                      refine_batch, revision_prompt)
 from tasks import CAPABILITIES
 from verifiers import REFUSAL, completion_text
 
@@ -170,6 +171,18 @@ def evaluate_stage(model, enc, data: Path, args, when: str) -> dict:
 
 
 # -----------------------------------------------------------------------------
+
+
+def evaluate_refinement(model, enc, records: list[dict], n_revisions: int, max_new_tokens: int,
+                        batch_size: int = BATCH_SIZE) -> list[dict]:
+    """grade_replies of greedy replies to eval records after 0, 1, ..., n_revisions revisions: one dict of
+    mean metrics per number of revisions."""
+    completions = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        completions += refine_batch(model, enc, [r["messages"] for r in chunk], n_revisions, max_new_tokens)
+    return [grade_replies(records, [parse_reply(enc, history[revisions]) for history in completions])
+            for revisions in range(n_revisions + 1)]
 
 
 def parse_args(argv=None):

@@ -27,13 +27,15 @@ checkpoint.pt: restarted on the same --out it resumes exactly, under any number 
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from common import (Logger, add_run_flags, argument_parser, build_model, load_checkpoint, load_config,
                     lr_factor, make_optimizer, optimizer_step, print_settings, save_checkpoint, save_model,
                     set_lr, to_device, write_config)
-from data import IGNORE, load_tokenizer, open_shard, shard_batch
+from data import BOS, IGNORE, load_tokenizer, open_shard, shard_batch
 from records import read_jsonl
-from distributed import all_reduce_sum, autocast, setup, teardown
-from evaluate import copy_accuracy, validation_loss
+from distributed import Runtime, all_reduce_sum, autocast, setup, teardown
+from evaluate import validation_loss
 from model import PRESETS, Config
 
 
@@ -203,6 +205,28 @@ def dry_run(args):
         print(f"{world_size:6d}{shard:7d}{params / gib:9.1f}{grads / gib:9.1f}{adam / gib:9.1f}"
               f"{gathered / gib:10.1f}{act_full / gib:9.1f}{(fixed + act_full) / gib:9.1f}"
               f"{act_recompute / gib:20.1f}{(fixed + act_recompute) / gib:9.1f}")
+
+
+@torch.no_grad()
+def copy_accuracy(model, enc, probes: list[dict], runtime: Runtime) -> dict:
+    """The copy probes (tasks.copy_probes): the share of the answers' tokens that the model predicts, each
+    greedily given the text and the answer's tokens before it (teacher forcing), by probe name:
+    {"copy_math": ..., "copy_needle@1x": ...}. Per token rather than per answer, so that the learning curve
+    shows the skill forming. Every rank scores every probe (the model may be sharded)."""
+    was_training = model.training
+    model.eval()
+    bos, correct = enc.encode_single_token(BOS), {}
+    for probe in probes:
+        prompt = [bos] + enc.encode_ordinary(probe["text"])
+        ids = [bos] + enc.encode_ordinary(probe["text"] + probe["answer"])
+        if ids[:len(prompt)] != prompt:
+            raise ValueError(f"copy probe answer {probe['answer']!r} merges with the text before it")
+        with autocast(runtime):
+            logits = model(torch.tensor([ids[:-1]], device=runtime.device))
+        predicted = logits[0, len(prompt) - 1:].argmax(-1).tolist()
+        correct.setdefault(probe["name"], []).extend(p == t for p, t in zip(predicted, ids[len(prompt):]))
+    model.train(was_training)
+    return {f"copy_{name}": sum(hits) / len(hits) for name, hits in correct.items()}
 
 
 def main(argv=None):

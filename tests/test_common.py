@@ -10,7 +10,7 @@ import torch
 
 import common
 import distributed
-import evaluate
+import pretrain
 from model import Config, Transformer
 
 CONFIG = Config(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, window=8)
@@ -110,7 +110,7 @@ def test_copy_accuracy_is_the_share_of_answer_tokens_predicted_by_teacher_forcin
     ids = [enc.encode_single_token(BOS)] + enc.encode_ordinary(probe["text"] + probe["answer"])
     n, runtime = len(ids) - len(prompt), one_process()
     assert n >= 2 and ids[:len(prompt)] == prompt
-    score = lambda oracle, probes: evaluate.copy_accuracy(oracle, enc, probes, runtime)
+    score = lambda oracle, probes: pretrain.copy_accuracy(oracle, enc, probes, runtime)
     assert score(Oracle(ids, enc.n_vocab), [probe]) == {"copy_needle@1x": 1.0}
     # the position before the answer predicts its first token; a wrong prediction in the text does not count
     first_wrong = Oracle(ids, enc.n_vocab, wrong_at=(len(prompt) - 1,))
