@@ -256,7 +256,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="prompts, samples and each phase's data order")
     parser.add_argument("--device", default="cpu",
                         help="of the phases' training (one process); sampling and measuring run on the CPU")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.chat_share <= 1:
+        parser.error(f"--chat-share must be in [0, 1], got {args.chat_share}")
+    return args
 
 
 def main(argv=None):

@@ -81,6 +81,8 @@ def test_an_srpo_phase_draws_its_share_of_plain_questions_and_the_rest_evenly():
     assert counts(polish.phase_prompts(prompts, 28, 0.25, random.Random(0))) == \
         {"chat": 7} | {c: 3 for c in polish.CAPABILITIES}
     assert len({json.dumps(r, sort_keys=True) for r in chosen}) == len(chosen)   # no prompt twice
+    with pytest.raises(SystemExit):
+        polish.parse_args(["--chat-share", "1.5"])
 
 
 def test_a_sample_becomes_the_message_that_renders_it_and_broken_ones_are_left_out(enc):
