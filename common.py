@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import load_tokenizer, pack, record_indices, render
-from distributed import Runtime, all_gather_objects, autocast, setup, shard_model
+from distributed import PRECISIONS, Runtime, all_gather_objects, autocast, setup, shard_model
 from records import read_sft_data
 from model import Config, Transformer
 
@@ -109,7 +109,7 @@ def open_stage(stage: str, args) -> tuple[Runtime, object, dict, Config]:
     """How every post-training stage starts: the runtime, the tokenizer of --data, the --init model's
     config.json and Config (whose vocabulary must be the tokenizer's), and OUT/config.json written, refusing
     an --out that holds a run of a different model (checked on every rank, so that all of them stop)."""
-    runtime = setup(args.device)
+    runtime = setup(args.device, precision=args.precision)
     data, out = Path(args.data), Path(args.out)
     enc = load_tokenizer(str(data / "tokenizer.json"))
     parent = load_config(args.init)
@@ -146,6 +146,10 @@ def add_run_flags(parser: argparse.ArgumentParser, log_every: int, save_every: i
                      help="checkpoint every N steps (and at the end)")
     run.add_argument("--seed", type=int, default=0, help=seed_help)
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument("--precision", default="auto", choices=PRECISIONS,
+                     help="of the training matmuls: bf16 autocast with fp32 weights (§2.4.1) or fp32; auto "
+                          "is bf16 on GPU, fp32 on CPU (run_tiny.sh picks bf16 on a CPU that multiplies bf16 "
+                          "natively)")
     return run
 
 

@@ -54,6 +54,7 @@ import torch
 import copg
 import prefopt
 from common import argument_parser, load_model, write_json
+from distributed import PRECISIONS
 from data import chat_stop_tokens, load_tokenizer, parse_reply, render_prompt
 from records import check_completion, read_jsonl
 from evaluate import (EVAL_MAX_NEW_TOKENS, HEADLINE, chatbot_message, evaluate_capability, prompt_key,
@@ -256,6 +257,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="prompts, samples and each phase's data order")
     parser.add_argument("--device", default="cpu",
                         help="of the phases' training (one process); sampling and measuring run on the CPU")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="of the phases' training matmuls (prefopt.py's and copg.py's --precision)")
     args = parser.parse_args(argv)
     if not 0 <= args.chat_share <= 1:
         parser.error(f"--chat-share must be in [0, 1], got {args.chat_share}")
@@ -273,8 +276,9 @@ def main(argv=None):
     prompts = training_prompts(data, enc)
     mixed = out / "copg_prompts.jsonl"   # the CoPG phases' prompts: every capability's
     mixed.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in prompts))
-    run = ["--data", str(data), "--device", args.device, "--no-eval", "--seed", str(args.seed),
-           "--sft-data", "all", "--sft-weight", str(args.sft_weight), "--seq-len", str(SEQ_LEN)]
+    run = ["--data", str(data), "--device", args.device, "--precision", args.precision, "--no-eval",
+           "--seed", str(args.seed), "--sft-data", "all", "--sft-weight", str(args.sft_weight),
+           "--seq-len", str(SEQ_LEN)]
 
     rows_file = out / "phases.jsonl"   # a restarted run replays the phases already measured
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []

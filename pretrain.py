@@ -233,7 +233,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
-    runtime = setup(args.device, args.replicate)
+    runtime = setup(args.device, args.replicate, args.precision)
 
     # data: the shards must exist and match the tokenizer (open_shard checks dtype, tokenizer and size)
     data = Path(args.data)
