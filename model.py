@@ -331,6 +331,11 @@ def attend(q, k, v, mask, scale: float | None = None, window: int | None = None)
     go in blocks of QUERY_BLOCK, each with the keys it can see: those since the window's start for a sliding
     layer, the causal prefix for a full one: the same sums up to rounding, and a sliding layer's work grows
     like T * window instead of T^2 (`python bench.py rows`: a training step at 2,048 tokens ~1.9x faster)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU attention runs in fp32 under bf16 autocast: its bf16 kernels take ~2x the time of fp32's
+        # (forward and backward, 256-2,048 tokens; RESULTS.md), where the matmuls around it gain
+        with torch.autocast("cpu", enabled=False):
+            return attend(q.float(), k.float(), v.float(), mask, scale, window)
     if isinstance(mask, BlockMask):
         flex = compiled_flex_attention() if q.is_cuda else flex_attention
         return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)

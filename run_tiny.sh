@@ -39,7 +39,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     EVAL=(--limit 2)
     CHECKPOINTS=(instruct sft-merge sft-soup rl-soup polished)
 else
-    PRETRAIN=(--steps 1800 --eval-every 600 --context-schedule 256:180,1024:120,2048:60)
+    PRETRAIN=(--steps 1500 --eval-every 500 --context-schedule 256:150,1024:100,2048:50)
     STEPS=(--no-eval "${TRAIN[@]}")   # each stage's own evaluation: the table at the end holds them all
     REWARD=()
     BEST_OF_N=(--best-of-n-prompts 256)

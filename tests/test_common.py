@@ -27,6 +27,41 @@ def test_setup_without_torchrun_needs_no_process_group():
     distributed.teardown(runtime)
 
 
+def test_precision_picks_the_training_matmuls_dtype_and_bf16_stays_close_to_fp32():
+    # auto: fp32 on CPU (the default of every stage); bf16: autocast, weights fp32
+    assert not distributed.setup("cpu").bf16 and distributed.setup("cpu", precision="bf16").bf16
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        distributed.setup("cpu", precision="fp16")
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    for precision, dtype in [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        with distributed.autocast(distributed.setup("cpu", precision=precision)):
+            assert (a @ b).dtype == dtype
+    # a training loss under bf16 autocast: the fp32 loss up to bf16 rounding (8 bits of mantissa), its
+    # gradients flowing into the fp32 weights
+    torch.manual_seed(0)
+    model = Transformer(CONFIG)
+    tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    fp32 = model.loss(tokens, targets)
+    with distributed.autocast(distributed.setup("cpu", precision="bf16")):
+        bf16 = model.loss(tokens, targets)
+    bf16.backward()
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.01 * fp32.item()
+    assert bf16.item() != fp32.item()   # the matmuls did run in bf16
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("cpuinfo, native", [("flags\t: fpu avx512f amx_bf16 amx_tile\n", True),
+                                             ("flags\t: fpu avx512f avx512_bf16\n", True),
+                                             ("flags\t: fpu avx2 avx512f\n", False), (None, False)])
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, cpuinfo, native):
+    def read_text(path, *args, **kwargs):
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        return cpuinfo
+    monkeypatch.setattr(distributed.Path, "read_text", read_text)
+    assert distributed.cpu_has_native_bf16() is native
+
+
 def test_weight_decay_only_on_block_matrices_and_mup_scales_their_lr():
     for base_dim, matrix_lr in ((None, 1e-3), (8, 1e-3 / 4)):
         model = Transformer(Config(**{**CONFIG.__dict__, "mup_base_dim": base_dim}))
