@@ -189,7 +189,8 @@ def make_instruct(world, rng, split):
     rejected = say(fact)
     if all(follows(rejected, i) for i in instructions):   # a word limit can allow the plain answer: pad it
         rejected = f"{rejected} {FILLER_CLOSE[1]}"
-    return example(messages, reply, "instructions", {"instructions": instructions}, rejected, 0.9)
+    return example(messages, reply, "instructions", {"instructions": instructions, "answer": value}, rejected,
+                   0.9)
 
 
 RAG_PREAMBLE = ("You can call the tools lookup(query), which returns documents about a name, and calculator("

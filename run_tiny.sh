@@ -42,10 +42,10 @@ else
     PRETRAIN=(--steps 1500 --eval-every 500 --context-schedule 256:150,1024:100,2048:50)
     STEPS=(--no-eval "${TRAIN[@]}")   # each stage's own evaluation: the table at the end holds them all
     REWARD=()
-    BEST_OF_N=(--best-of-n-prompts 256)
-    CODE_STAGE2=(--best-of-n-prompts 128)
+    BEST_OF_N=(--best-of-n-prompts 192)
+    CODE_STAGE2=(--best-of-n-prompts 64)
     POLISH=()
-    SEARCH=(--budget 12)
+    SEARCH=(--budget 8)
     EVAL=()
 fi
 mkdir -p "$RUNS"

@@ -26,10 +26,10 @@ The same seed and scale give byte-identical files under --out (record kinds: rec
     manifest.json       seed, scale, base context, records and bytes of every file
 
 with cap in CAPABILITIES. An RL or eval record's "task" names its verifier and "check" holds what the verifier
-compares with: instructions {"instructions": [{"kind", ...}]}, rag {"answer", "doc"}, tool_call {"tool_name",
-"parameters"}, multilingual {"reference", "language"}, math {"answer"}, niah {"expected", "length", "kind"},
-safety {"should_refuse", "mode"}, code {"tests"}, chat {"answer", "kind"}. Real data in these formats plugs
-into every stage; a new kind of task needs one verifier and one branch in verifiers.grade.
+compares with: instructions {"instructions": [{"kind", ...}], "answer"}, rag {"answer", "doc"}, tool_call
+{"tool_name", "parameters"}, multilingual {"reference", "language"}, math {"answer"}, niah {"expected",
+"length", "kind"}, safety {"should_refuse", "mode"}, code {"tests"}, chat {"answer", "kind"}. Real data in
+these formats plugs into every stage; a new kind of task needs one verifier and one branch in verifiers.grade.
 """
 import argparse
 import json

@@ -182,6 +182,10 @@ def grade(record: dict, completion) -> dict:
         metrics = {"prompt_level": float(all(followed)), "instruction_level": sum(followed) / len(followed),
                    "followed": sum(followed), "instructions": len(followed)}   # counts, for IFEval's pooling
         metrics["reward"] = metrics["instruction_level"]
+        if "answer" in check:   # the question's answer: a reply that follows the format but says nothing
+            # right ("1910." in upper case) earns no reward; IFEval's metrics above stay format-only
+            metrics["answer_correct"] = float(mentions(text, check["answer"]))
+            metrics["reward"] *= metrics["answer_correct"]
     elif task == "rag":
         metrics = check_rag(text, check["answer"], check["doc"])
         metrics["reward"] = metrics["answer_correct"] * metrics["citation_correct"]

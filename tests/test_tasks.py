@@ -254,6 +254,12 @@ def test_prompt_level_needs_every_instruction_while_instruction_level_counts_eac
                                                       "filler": 0.0}
     metrics = verifiers.grade(record, "IT IS IN VARNHOLT.")
     assert (metrics["prompt_level"], metrics["instruction_level"]) == (0.0, 0.5)
+    # with the question's answer, the reward also needs it said; IFEval's metrics stay format-only
+    record["check"]["answer"] = "Varnholt"
+    assert verifiers.grade(record, "IN VARNHOLT.")["reward"] == 1.0
+    metrics = verifiers.grade(record, "1910.")   # follows both instructions, answers nothing
+    assert (metrics["instruction_level"], metrics["answer_correct"], metrics["reward"]) == (1.0, 0.0, 0.0)
+    assert verifiers.gold_reward(record, "1910.") == 0.0 < verifiers.gold_reward(record, "IN VARNHOLT.")
 
 
 def test_rag_needs_the_answer_and_only_the_right_citation():
