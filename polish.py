@@ -70,7 +70,6 @@ VERIFIABLE = ("instructions", "math", "code")   # §3.5's domain-specific prefer
 # the signal
 SETS = (*CAPABILITIES, "chat")
 PAIR_RULES = ("verified", "reward-model")
-SFT_DATA = ("chosen", "all")
 MEASURE_PROMPTS = 16   # per set (SETS), from the start of DATA/rl/NAME.jsonl
 MAX_NEW_TOKENS = max(EVAL_MAX_NEW_TOKENS.values())   # of a sample in both phases
 SEQ_LEN = 512   # both phases' rows: the prompts are those that fit one with a reply
@@ -254,9 +253,6 @@ def parse_args(argv=None):
     parser.add_argument("--copg-lr", type=float, help="CoPG phases' LR (default: copg.py's recipe)")
     parser.add_argument("--l2-ref", type=float, default=0.01, help="CoPG phase: λ of λ‖θ − θ_ref‖²")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="both phases: the SFT loss's weight")
-    parser.add_argument("--sft-data", default="chosen", choices=SFT_DATA,
-                        help="both phases' SFT loss: the last SRPO phase's chosen samples (the model's "
-                             "best), or every capability's SFT data")
     parser.add_argument("--batch-size", type=int, default=16, help="generation batch")
     parser.add_argument("--seed", type=int, default=0, help="prompts, samples and each phase's data order")
     parser.add_argument("--device", default="cpu",
@@ -267,16 +263,6 @@ def parse_args(argv=None):
     if not 0 <= args.chat_share <= 1:
         parser.error(f"--chat-share must be in [0, 1], got {args.chat_share}")
     return args
-
-
-def chosen_conversations(srpo_phase: Path) -> Path:
-    """SRPO_PHASE/chosen.jsonl, written from its pairs.jsonl: each pair's prompt and chosen reply as an SFT
-    conversation."""
-    path = srpo_phase / "chosen.jsonl"
-    conversations = [{"capability": pair["capability"], "messages": [*pair["messages"], pair["chosen"]]}
-                     for pair in read_jsonl(srpo_phase / "pairs.jsonl", "pair")]
-    path.write_text("".join(json.dumps(c, sort_keys=True) + "\n" for c in conversations))
-    return path
 
 
 def main(argv=None):
@@ -291,8 +277,8 @@ def main(argv=None):
     mixed = out / "copg_prompts.jsonl"   # the CoPG phases' prompts: every capability's
     mixed.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in prompts))
     run = ["--data", str(data), "--device", args.device, "--precision", args.precision, "--no-eval",
-           "--seed", str(args.seed), "--sft-weight", str(args.sft_weight), "--seq-len", str(SEQ_LEN)]
-    sft_data = ["--sft-data", "all"] if args.sft_data == "all" else []   # chosen: per phase, below
+           "--seed", str(args.seed), "--sft-data", "all", "--sft-weight", str(args.sft_weight),
+           "--seq-len", str(SEQ_LEN)]
 
     rows_file = out / "phases.jsonl"   # a restarted run replays the phases already measured
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
@@ -326,14 +312,12 @@ def main(argv=None):
             lr = ["--lr", str(args.srpo_lr), "--min-lr", str(args.srpo_lr / 10)] if args.srpo_lr else []
             prefopt.main(["--capability", "instruct", "--init", init, "--out", str(phase_out),
                           "--data-file", str(pairs_file.resolve()), "--steps", str(args.srpo_steps), *lr,
-                          *run, *(sft_data or ["--sft-data", ""])])   # "": on the chosen completions
+                          *run])
         else:
-            if args.sft_data == "chosen":   # the SRPO phase before's chosen samples, as SFT conversations
-                sft_data = ["--sft-data", str(chosen_conversations(out / phase_names[k - 2]).resolve())]
             copg.main(["--capability", "instruct", "--mode", "online", "--reward", f"rm:{args.reward_model}",
                        "--k", "2", "--l2-ref", str(args.l2_ref), "--data-file", str(mixed.resolve()),
                        "--max-new-tokens", str(MAX_NEW_TOKENS), "--init", init, "--out", str(phase_out),
-                       "--steps", str(args.copg_steps), *run, *sft_data,
+                       "--steps", str(args.copg_steps), *run,
                        *(["--lr", str(args.copg_lr)] if args.copg_lr else [])])
         if k >= len(rows):
             init = str(phase_out)
