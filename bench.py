@@ -153,9 +153,9 @@ def median_seconds(fns, repeats: int) -> list[float]:
 
 
 def bench_bf16(tasks: dict, repeats: int):
-    """Ours in fp32 against ours under bf16 autocast (§2.4.1's matmul precision; model.py keeps norms, softmax
-    and the logits in fp32), on bench_model's tasks {name: (fn, tokens)}: whether a CPU with bf16 matmul
-    instructions would run the tiny pipeline faster."""
+    """Ours in fp32 against ours under bf16 autocast (§2.4.1's matmul precision; model.py keeps norms,
+    softmax, the logits and, on a CPU, attention in fp32), on bench_model's tasks {name: (fn, tokens)}: what
+    `--precision bf16` gains on this CPU (run_tiny.sh trains in bf16 where the CPU has bf16 instructions)."""
     def in_bf16(fn):
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
