@@ -102,8 +102,8 @@ def rank_seed(seed: int, runtime: Runtime) -> int:
 
 
 def autocast(runtime: Runtime):
-    """bf16 autocast where the runtime trains in bf16 (matmuls and attention in bf16; model.py keeps norms,
-    softmax and logits in fp32, the weights stay fp32), else nothing (fp32)."""
+    """bf16 autocast where the runtime trains in bf16 (matmuls in bf16; model.py keeps norms, softmax, the
+    logits and, on a CPU, attention in fp32; the weights stay fp32), else nothing (fp32)."""
     if runtime.bf16:
         return torch.autocast(runtime.device.type, dtype=torch.bfloat16)
     return nullcontext()

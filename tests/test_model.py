@@ -9,9 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.nn.attention.flex_attention import create_mask
 
 from hf import build_pair, to_cohere2_config
-from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attention_masks, attention_rule,
-                   apply_rope, convert_cohere2_state_dict, document_positions, generate, rope_rotations,
-                   sample, scaled_mm)
+from model import (PRESETS, ChunkedCrossEntropy, Config, Linear, Transformer, attend, attention_masks,
+                   attention_rule, apply_rope, convert_cohere2_state_dict, document_positions, generate,
+                   rope_rotations, sample, scaled_mm)
 
 SMALL = Config(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, window=8,
                max_seq_len=64)
@@ -204,6 +204,21 @@ def test_query_blocks_give_one_sdpa_calls_logits_and_gradients(monkeypatch, bloc
     for got, want in zip(grads, one_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
     assert replies == one_replies
+
+
+def test_cpu_attention_stays_fp32_under_bf16_autocast():
+    """Under CPU bf16 autocast, model.attend computes in fp32 (its bf16 kernels are the slower ones there):
+    bf16 inputs give the fp32 attention of those same (rounded) inputs, in fp32, gradients included."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 40, 8, generator=generator).bfloat16().requires_grad_()
+               for heads in (4, 2, 2))
+    mask = attention_masks(None, 40, 8, "cpu")[0].expand(2, 1, 40, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, mask, window=8)
+    out.sum().backward()
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert out.dtype == torch.float32 and torch.allclose(out, want, atol=1e-6)
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
 
 
 def test_dense_mask_is_flex_create_mask_of_the_rule_and_the_block_mask_skips_hidden_blocks():
