@@ -233,14 +233,25 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             record = logged({"kind": f"expert {i} alone", "weights": alone,
                              "scores": cached_scores(alone, [domain])})
             reference[domain] = max(reference.get(domain, 0.0), record["scores"][domain])
-    scored = [d for d, value in reference.items() if value > 0]
+    floor = dict.fromkeys(reference, 0.0)   # what a domain scores without its expert's change
+    if base and reference:   # the parent, on the experts' domains: retention is of their gain over it
+        parent = [float(j == 0) for j in range(n)]
+        record = logged({"kind": "parent alone", "weights": parent,
+                         "scores": cached_scores(parent, [d for d in reference if d != domains[0]])})
+        for domain, value in record["scores"].items():
+            if reference[domain] > value:
+                floor[domain] = value
+            else:   # the expert adds nothing: keep what the parent scores
+                reference[domain] = value
+    scored = [d for d, value in reference.items() if value > floor[d]]
     if not scored:
-        print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, "
-              "the start is kept")
+        print(f"no expert scores above {'its parent' if base else '0'} on its own domain ({reference}): "
+              "nothing to search for, the start is kept")
         kept = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
                 "objective": 0.0}
         return kept, [kept]
-    print("expert scores: " + ", ".join(f"{d} {v:.3f}" for d, v in reference.items())
+    print("expert scores: " + ", ".join(f"{d} {v:.3f}" + (f" (parent {floor[d]:.3f})" if floor[d] else "")
+                                        for d, v in reference.items())
           + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})"
              if len(scored) < len(reference) else ""))
     candidates = []
@@ -248,7 +259,7 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     def try_candidate(weights, kind):
         weights = task_arithmetic(weights) if base else normalized(weights)
         scores = cached_scores(weights, scored)
-        retention = {d: min(1.0, scores[d] / reference[d]) for d in scored}
+        retention = {d: min(1.0, (scores[d] - floor[d]) / (reference[d] - floor[d])) for d in scored}
         candidate = logged({"kind": kind, "weights": weights, "scores": scores, "retention": retention,
                             "objective": objective(retention)})
         candidates.append(candidate)
@@ -262,18 +273,8 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
         if len(candidates) < budget:
             scaled = try_candidate([w * factor for w in first["weights"]], f"experts x{factor}")
             best = max(best, scaled, key=lambda c: c["objective"])
-    first = best
-    for i in range(1 if base else 0, n if n > 2 else 0):
-        if len(candidates) >= budget:
-            break
-        left_out = try_candidate([w if j != i else 0.0 for j, w in enumerate(first["weights"])],
-                                 f"leave out {i}")
-        for domain in scored:  # a collision: removing expert i helps another domain
-            if domains[i] != domain and left_out["scores"][domain] > first["scores"][domain]:
-                print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
-                      f"{first['scores'][domain]:.3f} -> {left_out['scores'][domain]:.3f}")
-        best = max(best, left_out, key=lambda c: c["objective"])
     tried = set()  # (best weights, domain, k): upweights by step · 2^k already tried
+    left_out = False
     while len(candidates) < budget:
         lagging = sorted((d for d in scored if best["retention"][d] < 1), key=lambda d: best["retention"][d])
         moves = [(search_key(best["weights"], []), d, k) for d in lagging for k in range(3)]
@@ -282,18 +283,42 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             # the heuristic: upweight the weakest domain, by step, 2 step, 4 step; then the next weakest
             tried.add(moves[0])
             _, weakest, k = moves[0]
-            amount = step * 2 ** k
-            weights = [w + amount / domains.count(weakest) * (d == weakest)
-                       for w, d in zip(best["weights"], domains)]
-            if base and domains[0] == weakest:   # the parent's domain: every expert's change smaller
-                weights = [w / (1 + amount) for w in best["weights"]]
-            candidate = try_candidate(weights, f"upweight {weakest} by {amount:g}")
+            candidate = try_candidate(upweighted(best["weights"], domains, weakest, step * 2 ** k, base),
+                                      f"upweight {weakest} by {step * 2 ** k:g}")
+        elif not left_out:  # every move tried: the leave-one-out merges around the best, to show collisions
+            left_out, first = True, best
+            for i in range(1 if base else 0, n if n > 2 else 0):
+                if len(candidates) >= budget:
+                    break
+                candidate = try_candidate([w if j != i else 0.0 for j, w in enumerate(first["weights"])],
+                                          f"leave out {i}")
+                for domain in scored:  # a collision: removing expert i helps another domain
+                    if domains[i] != domain and candidate["scores"][domain] > first["scores"][domain]:
+                        print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
+                              f"{first['scores'][domain]:.3f} -> {candidate['scores'][domain]:.3f}")
+                best = max(best, candidate, key=lambda c: c["objective"])
+            continue
         else:  # brute force: perturb around the best candidate
             candidate = try_candidate([w * math.exp(sigma * rng.gauss(0, 1)) for w in best["weights"]],
                                       "perturb")
         if candidate["objective"] > best["objective"]:
             best = candidate
     return best, candidates
+
+
+def upweighted(weights, domains, domain, amount, base=False) -> list[float]:
+    """`weights` with `domain`'s experts' share raised by `amount` and every other expert's implicitly
+    lowered (§3.4.3.1): w_d += amount / (its experts), then all divided by 1 + amount. With `base` (weights[0]
+    the parent's) the same on the experts' task-arithmetic scales λ, their sum kept; for the parent's own
+    domain every λ shrinks by 1 / (1 + amount) instead."""
+    if not base:
+        share = amount / domains.count(domain)
+        return [(w + share * (d == domain)) / (1 + amount) for w, d in zip(weights, domains)]
+    scales = weights[1:]
+    if domains[0] == domain:
+        return [0.0, *(w / (1 + amount) for w in scales)]
+    total = sum(scales)
+    return [0.0, *(total * w for w in upweighted(normalized(scales), domains[1:], domain, amount))]
 
 
 def objective(retention: dict) -> float:
