@@ -10,13 +10,16 @@ How this differs from the report:
    expert's (capped at 1): the mean over domains and the worst domain's, averaged (`objective`). The worst
    domain counts because the aim is every capability close to its expert (§3.4.3): on the mean alone the tiny
    searches took candidates that gave one capability away for a little more of the others (RESULTS.md). It
-   tries the start, every leave-one-out merge (which shows "collisions"), then the report's moves: upweight
-   the weakest domain's experts (by 0.2, 0.4, 0.8), then random log-normal perturbations, until --budget
-   candidates; the report describes the moves, not an algorithm. With --base PARENT the search is over
-   task-arithmetic scales (Ilharco et al. 2023): θ = θ_parent + Σ λ_i (θ_i − θ_parent), still a linear merge
-   (weights 1 − Σλ, λ_1, ...), but Σλ is not held at 1: after the uniform average (λ = 1/N) it tries every
-   expert's change 2x and 3x as large. The tiny experts' changes are large and partly collide, so the plain
-   average keeps little of each (RESULTS.md).
+   tries the start, then the report's moves: upweight the weakest domain's experts (by 0.2, 0.4, 0.8; the
+   others implicitly lowered), then, once no such move is left, every leave-one-out merge (which shows
+   "collisions") and random log-normal perturbations, until --budget candidates; the report describes the
+   moves, not an algorithm. With --base PARENT the search is over task-arithmetic scales (Ilharco et al.
+   2023): θ = θ_parent + Σ λ_i (θ_i − θ_parent), still a linear merge (weights 1 − Σλ, λ_1, ...), but Σλ is
+   not held at 1: after the uniform average (λ = 1/N) it tries every expert's change 2x and 3x as large, and
+   upweighting moves λ between experts at the same Σλ. The tiny experts' changes are large and partly
+   collide, so the plain average keeps little of each (RESULTS.md). With a parent, retention is of each
+   expert's gain over the parent, (merge − parent) / (expert − parent), the share of what the expert added;
+   the ratio to the expert alone counted a merge that fell back to the parent's score as half kept.
 2. Inputs are streamed: each tensor is read alone from its torch.save archive, so the peak memory is the
    output model plus one input tensor (`python bench.py merge` measures it). Inputs whose configs, tokenizers,
    tensor names or shapes differ are refused with a message naming the difference.
@@ -180,7 +183,7 @@ def write_merge(out, merged: dict, info: dict, paths, weights, method, **extra):
 
 
 # -----------------------------------------------------------------------------
-# Weight search (§3.4.3.1): leave-one-out merges, then upweight-the-weakest and random perturbations
+# Weight search (§3.4.3.1): upweight-the-weakest, then leave-one-out merges and random perturbations
 
 
 def normalized(weights) -> list[float]:
@@ -201,17 +204,19 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     {domain: headline metric}.
 
     Each expert is scored alone on its domain first (the reference; domains whose experts all score 0 have
-    nothing to retain and are left out). Then `budget` candidates: the start (uniform by default), the
-    leave-one-out merges, then the best candidate so far with its weakest domain's experts upweighted by
-    `step`, 2 `step` or 4 `step` (a capability can need a large share before it shows at all), then the next
-    weakest domain, or, once every lagging domain was tried from this candidate, with each weight perturbed by
-    a factor exp(sigma · N(0, 1)). Weights are renormalised to sum to 1; a candidate replaces the best only if
-    better. With `base`, model 0 is the experts' parent and the search is over the others' task-arithmetic
-    scales λ (the parent's weight is 1 − Σλ, so no renormalising): after the start, the experts' scales 2x
-    and 3x; leave-one-out leaves out experts only; upweighting the parent's own domain shrinks every λ by
-    1 / (1 + amount). Returns the best candidate and all of them; each is
-    {"kind", "weights", "scores", "retention", "objective"}. Every evaluation is written as a JSON line to
-    `log`; `cache` holds earlier ones (a restart replays them)."""
+    nothing to retain and are left out). Then `budget` candidates: the start (uniform by default), then the
+    best candidate so far with its weakest domain's experts upweighted by `step`, 2 `step` or 4 `step` (a
+    capability can need a large share before it shows at all; `upweighted`), then the next weakest domain;
+    once every lagging domain was tried from the best candidate, the leave-one-out merges around it (once),
+    then that candidate with each weight perturbed by a factor exp(sigma · N(0, 1)). Weights are renormalised
+    to sum to 1; a candidate replaces the best only if better. With `base`, model 0 is the experts' parent and
+    the search is over the others' task-arithmetic scales λ (the parent's weight is 1 − Σλ, so no
+    renormalising): after the start, the experts' scales 2x and 3x; leave-one-out leaves out experts only. The
+    parent is scored on the experts' domains too, and a domain's retention is the share of its expert's gain
+    over the parent that a candidate keeps; a domain whose expert does not beat the parent keeps the parent's
+    score as its reference, and the parent's own domain the parent's. Returns the best candidate and all of
+    them; each is {"kind", "weights", "scores", "retention", "objective"}. Every evaluation is written as a
+    JSON line to `log`; `cache` holds earlier ones (a restart replays them)."""
     n, rng, cache = len(domains), random.Random(seed), {} if cache is None else cache
 
     def cached_scores(weights, names) -> dict:
@@ -233,25 +238,27 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             record = logged({"kind": f"expert {i} alone", "weights": alone,
                              "scores": cached_scores(alone, [domain])})
             reference[domain] = max(reference.get(domain, 0.0), record["scores"][domain])
-    floor = dict.fromkeys(reference, 0.0)   # what a domain scores without its expert's change
-    if base and reference:   # the parent, on the experts' domains: retention is of their gain over it
-        parent = [float(j == 0) for j in range(n)]
-        record = logged({"kind": "parent alone", "weights": parent,
-                         "scores": cached_scores(parent, [d for d in reference if d != domains[0]])})
-        for domain, value in record["scores"].items():
+    experts, floor = dict(reference), dict.fromkeys(reference, 0.0)   # floor: a domain without its expert
+    parent = {}   # the parent's scores on the experts' domains: retention is of their gain over it
+    gained = [d for d in reference if d != domains[0]] if base else []
+    if gained:
+        weights = [float(j == 0) for j in range(n)]
+        parent = logged({"kind": "parent alone", "weights": weights,
+                         "scores": cached_scores(weights, gained)})["scores"]
+        for domain, value in parent.items():
             if reference[domain] > value:
                 floor[domain] = value
             else:   # the expert adds nothing: keep what the parent scores
                 reference[domain] = value
     scored = [d for d, value in reference.items() if value > floor[d]]
     if not scored:
-        print(f"no expert scores above {'its parent' if base else '0'} on its own domain ({reference}): "
+        print(f"no expert scores above 0 on its own domain ({reference}): "
               "nothing to search for, the start is kept")
         kept = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
                 "objective": 0.0}
         return kept, [kept]
-    print("expert scores: " + ", ".join(f"{d} {v:.3f}" + (f" (parent {floor[d]:.3f})" if floor[d] else "")
-                                        for d, v in reference.items())
+    print("expert scores: " + ", ".join(f"{d} {v:.3f}" + (f" (parent {parent[d]:.3f})" if d in parent else "")
+                                        for d, v in experts.items())
           + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})"
              if len(scored) < len(reference) else ""))
     candidates = []

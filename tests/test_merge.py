@@ -156,8 +156,13 @@ def test_search_upweights_the_weakest_domain_until_every_expert_is_retained(tmp_
         best, candidates = search_weights(["a", "b", "c"], threshold_score(), budget=20, log=log)
     uniform = candidates[0]
     assert uniform["kind"] == "start" and uniform["retention"]["a"] == pytest.approx((1 / 3) / 0.5)
-    assert [c["kind"] for c in candidates[1:4]] == ["leave out 0", "leave out 1", "leave out 2"]
-    assert candidates[4]["kind"] == "upweight a by 0.2" and candidates[4]["objective"] > uniform["objective"]
+    # a's share raised by 0.2 and the others implicitly lowered (all over 1.2), twice: every domain kept
+    assert [c["kind"] for c in candidates[1:3]] == ["upweight a by 0.2"] * 2
+    assert candidates[1]["weights"] == pytest.approx([(1 / 3 + 0.2) / 1.2, (1 / 3) / 1.2, (1 / 3) / 1.2])
+    assert uniform["objective"] < candidates[1]["objective"] < candidates[2]["objective"] == 1.0
+    # with no move left, the leave-one-out merges around the best, then perturbations
+    assert [c["kind"] for c in candidates[3:7]] == ["leave out 0", "leave out 1", "leave out 2", "perturb"]
+    assert candidates[3]["weights"] == pytest.approx([0, 0.5, 0.5])
     assert len(candidates) == 20 and best["objective"] == 1.0 and best["weights"][0] >= 0.5
     assert sum(best["weights"]) == pytest.approx(1.0)
     lines = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines()]
@@ -169,13 +174,15 @@ def test_search_leaves_out_domains_with_nothing_to_retain_and_reports_collisions
     def score(weights, names):  # expert 1's domain scores 0 even alone; expert 2 hurts domain a
         return {d: {"a": max(0.0, weights[0] - weights[2]), "b": 0.0, "c": weights[2]}[d] for d in names}
 
-    best, candidates = search_weights(["a", "b", "c"], score, budget=6)
+    best, candidates = search_weights(["a", "b", "c"], score, budget=12)   # 9 upweights, then 3 leave-outs
     assert set(best["retention"]) == {"a", "c"}
     printed = capsys.readouterr().out
+    around = max(candidates[:9], key=lambda c: c["objective"])   # the best when the leave-outs began
+    assert around["weights"] == pytest.approx([0.537, 0.231, 0.231], abs=1e-3)   # a upweighted twice
     assert ("left out: b" in printed
-            and "collision: leaving out model 2 (c) raises a 0.000 -> 0.500" in printed)
+            and "collision: leaving out model 2 (c) raises a 0.306 -> 0.699" in printed)
     leave_out_2 = next(c for c in candidates if c["kind"] == "leave out 2")
-    assert leave_out_2["scores"]["a"] > candidates[0]["scores"]["a"]
+    assert leave_out_2["scores"]["a"] > around["scores"]["a"]
     best, candidates = search_weights(["b", "b"], lambda weights, names: {d: 0.0 for d in names}, budget=3,
                                       start=[3.0, 1.0])
     assert "nothing to search for" in capsys.readouterr().out and best["weights"] == [0.75, 0.25]
@@ -189,7 +196,7 @@ def test_search_keeps_every_domain_rather_than_trading_one_away_for_a_higher_mea
         collided = all(w > 0 for w in weights)
         return {d: 0.6 if collided else float(weights["abc".index(d)] > 0) for d in names}
 
-    best, candidates = search_weights(["a", "b", "c"], score, budget=4)
+    best, candidates = search_weights(["a", "b", "c"], score, budget=13)   # 9 upweights (none better), 3 more
     leave_out_2 = next(c for c in candidates if c["kind"] == "leave out 2")
     assert sum(leave_out_2["retention"].values()) / 3 == pytest.approx(2 / 3)   # > 0.6, the start's mean
     assert best["kind"] == "start" and best["objective"] == pytest.approx(0.6)
@@ -247,3 +254,34 @@ def test_merge_search_end_to_end_writes_the_best_merge_and_its_log(world, enc, t
     assert written["args"]["weights"] == best["weights"] and written["args"]["capability"] == "safety"
     expected, _ = merge(paths, best["weights"])
     assert all(torch.allclose(load(out)[name], expected[name]) for name in expected)
+
+
+def test_task_arithmetic_search_counts_each_experts_gain_over_the_parent(tmp_path):
+    """With a parent, a domain's retention is the share of its expert's gain over the parent that the merge
+    keeps (§3.4: what merging must not lose is what the expert added); where an expert adds nothing, what the
+    parent scores is what to keep; the parent's own domain is kept against the parent's score."""
+    def score(weights, names):   # weights: the parent's (1 − Σλ), then λ_a, λ_b
+        la = weights[1]
+        return {d: {"p": weights[0], "a": 0.4 + 0.4 * min(1.0, la / 0.5), "b": 0.5 - 0.3 * la}[d]
+                for d in names}
+
+    with open(tmp_path / "search.jsonl", "w") as log:
+        best, candidates = search_weights(["p", "a", "b"], score, budget=1, base=True, log=log)
+    lines = [json.loads(line) for line in (tmp_path / "search.jsonl").read_text().splitlines()]
+    assert lines[3] == {"kind": "parent alone", "weights": [1.0, 0.0, 0.0], "scores": {"a": 0.4, "b": 0.5}}
+    start = candidates[0]   # λ = 1/3: a 0.667 of a gain 0.4 -> 0.8, b 0.4 of the parent's 0.5, p 1/3 of 1
+    assert start["scores"]["a"] == pytest.approx(0.4 + 0.4 * 2 / 3)
+    assert start["retention"] == pytest.approx({"p": 1 / 3, "a": 2 / 3, "b": 0.8})
+
+
+def test_upweighting_lowers_the_other_experts_implicitly_and_keeps_the_total_scale():
+    from merge import upweighted
+    assert upweighted([0.5, 0.25, 0.25], ["a", "b", "b"], "b", 0.4) == pytest.approx(
+        [0.5 / 1.4, 0.45 / 1.4, 0.45 / 1.4])
+    # task arithmetic: the same on the experts' λ (here 2x the average, Σλ = 1.5), the parent's weight a
+    # placeholder (1 − Σλ is set when a candidate is tried); the parent's own domain shrinks every λ
+    scales = upweighted([-0.5, 0.5, 0.5, 0.5], ["p", "a", "b", "c"], "a", 0.8, base=True)
+    assert scales[1:] == pytest.approx([1.5 * (1 / 3 + 0.8) / 1.8, 1.5 * (1 / 3) / 1.8, 1.5 * (1 / 3) / 1.8])
+    assert sum(scales[1:]) == pytest.approx(1.5)
+    assert upweighted([-0.5, 0.5, 0.5, 0.5], ["p", "a", "b", "c"], "p", 0.25, base=True)[1:] == pytest.approx(
+        [0.4, 0.4, 0.4])
