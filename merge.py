@@ -18,8 +18,8 @@ How this differs from the report:
    not held at 1: after the uniform average (λ = 1/N) it tries every expert's change 2x and 3x as large, and
    upweighting moves λ between experts at the same Σλ. The tiny experts' changes are large and partly
    collide, so the plain average keeps little of each (RESULTS.md). With a parent, retention is of each
-   expert's gain over the parent, (merge − parent) / (expert − parent), the share of what the expert added;
-   the ratio to the expert alone counted a merge that fell back to the parent's score as half kept.
+   expert's gain over the parent, (merge − parent) / (expert − parent), the share of what the expert added
+   (merge / expert would count a merge that falls back to the parent's score as partly kept).
 2. Inputs are streamed: each tensor is read alone from its torch.save archive, so the peak memory is the
    output model plus one input tensor (`python bench.py merge` measures it). Inputs whose configs, tokenizers,
    tensor names or shapes differ are refused with a message naming the difference.
@@ -252,8 +252,8 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
                 reference[domain] = value
     scored = [d for d, value in reference.items() if value > floor[d]]
     if not scored:
-        print(f"no expert scores above 0 on its own domain ({reference}): "
-              "nothing to search for, the start is kept")
+        print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, "
+              "the start is kept")
         kept = {"kind": "start", "weights": normalized(start or [1.0] * n), "scores": {}, "retention": {},
                 "objective": 0.0}
         return kept, [kept]

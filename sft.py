@@ -72,7 +72,7 @@ RECIPES = {
     "code": dict(lr=5e-5, min_lr=5e-6, weight_decay=0.1, steps=200, batch_size=32, seq_len=256),  # B.3
     # B.4; other capabilities' conversations a quarter as many as its own: a math expert trained on math alone
     # forgets every other format, and its change, at the weight math needs in a soup, took RAG and code to 0;
-    # with the quarter it kept them (0.29 and 0.92 at math's λ = 1) and most of its own accuracy (0.58 of 0.63
+    # with the quarter it kept them (0.29 and 0.92 at math's λ = 1) and most of its own accuracy (0.58 of 0.62
     # on the weight search's prompts; with other data in half of each batch 0.33: RESULTS.md). Rows of 512
     # hold three ~160-token conversations where rows of 256 held one (39 % padding): fewer tokens per step.
     "math": dict(lr=2.5e-5, min_lr=2.5e-6, weight_decay=0.01, steps=300, batch_size=32, seq_len=512,

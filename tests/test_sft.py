@@ -152,8 +152,8 @@ def test_default_cross_domain_share_and_best_of_n_epochs():
     assert instruct.cross_domain == 0.5 and instruct.cross_domain_from == ("rag", "math", "longctx")
     polishing = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--cross-domain", "1"])
     assert polishing.cross_domain_from is None   # best-of-N prompts from every capability
-    for capability in ("math", "longctx"):   # their own data only (RECIPES says why)
-        assert sft.parse_args(["--capability", capability]).cross_domain == 0.0
+    assert sft.parse_args(["--capability", "longctx"]).cross_domain == 0.0   # needles only (RECIPES says why)
+    assert sft.parse_args(["--capability", "math"]).cross_domain == 0.25   # a quarter: mergeable (RECIPES)
     assert sft.parse_args(["--capability", "math", "--cross-domain", "0.5"]).cross_domain == 0.5
     best_of_n = sft.parse_args(["--best-of-n", "4", "--reward-model", "rm", "--best-of-n-prompts", "100"])
     assert best_of_n.steps == 7 and best_of_n.temperature == 0.7  # ceil(2 epochs x 100 prompts / batch 32)
