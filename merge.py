@@ -416,7 +416,8 @@ def main(argv=None):
     search.add_argument("--limit", type=int, default=SELECTION_PROMPTS,
                         help="records of DATA/rl/DOMAIN.jsonl per domain and candidate (default: the "
                              "selection prompts, which online RL does not train on)")
-    search.add_argument("--step", type=float, default=0.2, help="weight added to the weakest domain")
+    search.add_argument("--step", type=float, default=0.2,
+                        help="share added to the weakest domain's experts (the others' lowered)")
     search.add_argument("--sigma", type=float, default=0.3, help="log-normal perturbation scale")
     search.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
     args = parser.parse_args(argv)
