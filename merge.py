@@ -238,19 +238,17 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             record = logged({"kind": f"expert {i} alone", "weights": alone,
                              "scores": cached_scores(alone, [domain])})
             reference[domain] = max(reference.get(domain, 0.0), record["scores"][domain])
-    experts, floor = dict(reference), dict.fromkeys(reference, 0.0)   # floor: a domain without its expert
     parent = {}   # the parent's scores on the experts' domains: retention is of their gain over it
     gained = [d for d in reference if d != domains[0]] if base else []
     if gained:
         weights = [float(j == 0) for j in range(n)]
         parent = logged({"kind": "parent alone", "weights": weights,
                          "scores": cached_scores(weights, gained)})["scores"]
-        for domain, value in parent.items():
-            if reference[domain] > value:
-                floor[domain] = value
-            else:   # the expert adds nothing: keep what the parent scores
-                reference[domain] = value
-    scored = [d for d, value in reference.items() if value > floor[d]]
+    # retention runs from floor (the domain without its expert's gain) to ceiling; where the expert adds
+    # nothing, what the parent scores is what to keep
+    floor = {d: parent.get(d, 0.0) if parent.get(d, 0.0) < value else 0.0 for d, value in reference.items()}
+    ceiling = {d: max(value, parent.get(d, 0.0)) for d, value in reference.items()}
+    scored = [d for d in reference if ceiling[d] > floor[d]]
     if not scored:
         print(f"no expert scores above 0 on its own domain ({reference}): nothing to search for, "
               "the start is kept")
@@ -258,7 +256,7 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
                 "objective": 0.0}
         return kept, [kept]
     print("expert scores: " + ", ".join(f"{d} {v:.3f}" + (f" (parent {parent[d]:.3f})" if d in parent else "")
-                                        for d, v in experts.items())
+                                        for d, v in reference.items())
           + (f" (left out: {', '.join(sorted(set(reference) - set(scored)))})"
              if len(scored) < len(reference) else ""))
     candidates = []
@@ -266,7 +264,7 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     def try_candidate(weights, kind):
         weights = task_arithmetic(weights) if base else normalized(weights)
         scores = cached_scores(weights, scored)
-        retention = {d: min(1.0, (scores[d] - floor[d]) / (reference[d] - floor[d])) for d in scored}
+        retention = {d: min(1.0, (scores[d] - floor[d]) / (ceiling[d] - floor[d])) for d in scored}
         candidate = logged({"kind": kind, "weights": weights, "scores": scores, "retention": retention,
                             "objective": objective(retention)})
         candidates.append(candidate)
@@ -280,8 +278,21 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
         if len(candidates) < budget:
             scaled = try_candidate([w * factor for w in first["weights"]], f"experts x{factor}")
             best = max(best, scaled, key=lambda c: c["objective"])
+    def leave_one_out(around):  # the merges without each expert in turn: they show collisions
+        nonlocal best
+        for i in range(1 if base else 0, n if n > 2 else 0):
+            if len(candidates) >= budget:
+                return
+            left_out = try_candidate([w if j != i else 0.0 for j, w in enumerate(around["weights"])],
+                                     f"leave out {i}")
+            for domain in scored:  # a collision: removing expert i helps another domain
+                if domains[i] != domain and left_out["scores"][domain] > around["scores"][domain]:
+                    print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
+                          f"{around['scores'][domain]:.3f} -> {left_out['scores'][domain]:.3f}")
+            best = max(best, left_out, key=lambda c: c["objective"])
+
     tried = set()  # (best weights, domain, k): upweights by step · 2^k already tried
-    left_out = False
+    left_out_done = False
     while len(candidates) < budget:
         lagging = sorted((d for d in scored if best["retention"][d] < 1), key=lambda d: best["retention"][d])
         moves = [(search_key(best["weights"], []), d, k) for d in lagging for k in range(3)]
@@ -290,20 +301,12 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             # the heuristic: upweight the weakest domain, by step, 2 step, 4 step; then the next weakest
             tried.add(moves[0])
             _, weakest, k = moves[0]
-            candidate = try_candidate(upweighted(best["weights"], domains, weakest, step * 2 ** k, base),
-                                      f"upweight {weakest} by {step * 2 ** k:g}")
-        elif not left_out:  # every move tried: the leave-one-out merges around the best, to show collisions
-            left_out, first = True, best
-            for i in range(1 if base else 0, n if n > 2 else 0):
-                if len(candidates) >= budget:
-                    break
-                candidate = try_candidate([w if j != i else 0.0 for j, w in enumerate(first["weights"])],
-                                          f"leave out {i}")
-                for domain in scored:  # a collision: removing expert i helps another domain
-                    if domains[i] != domain and candidate["scores"][domain] > first["scores"][domain]:
-                        print(f"  collision: leaving out model {i} ({domains[i]}) raises {domain} "
-                              f"{first['scores'][domain]:.3f} -> {candidate['scores'][domain]:.3f}")
-                best = max(best, candidate, key=lambda c: c["objective"])
+            amount = step * 2 ** k
+            candidate = try_candidate(upweighted(best["weights"], domains, weakest, amount, base),
+                                      f"upweight {weakest} by {amount:g}")
+        elif not left_out_done:  # every move tried: the leave-one-out merges around the best, once
+            left_out_done = True
+            leave_one_out(best)
             continue
         else:  # brute force: perturb around the best candidate
             candidate = try_candidate([w * math.exp(sigma * rng.gauss(0, 1)) for w in best["weights"]],
