@@ -55,10 +55,14 @@ RECIPES = {
     "multilingual": dict(loss="dpo", beta=0.2, length_average=False, lr=1.25e-5, min_lr=1.25e-6,
                          weight_decay=0.1, sft_weight=1.0, sft_data="sft/multilingual.jsonl",
                          split_safety=False),
-    # §3.3.7.2, B.6: IPO (per-token averaged) β 0.03, 1e-6 -> 1e-7, wd 1e-3, plus an equally weighted SFT
-    # loss; the data split in two: IPO on the helpfulness pairs (the chosen reply answers), SFT on the
-    # safety-inducing conversations (the reply refuses)
-    "safety": dict(loss="ipo", beta=0.03, length_average=True, lr=1e-6, min_lr=1e-7, weight_decay=1e-3,
+    # §3.3.7.2, B.6: IPO β 0.03, 1e-6 -> 1e-7, wd 1e-3, plus an equally weighted SFT loss; the data split in
+    # two: IPO on the helpfulness pairs (the chosen reply answers), SFT on the safety-inducing conversations
+    # (the reply refuses). IPO's log-ratios summed over the reply, as Azar et al. define them: averaged per
+    # token, its target 1/(2β) ≈ 16.7 nats a token is out of reach, the loss stays near 160 against the SFT
+    # loss's 0.1, and the push towards answering never stops: refusals of harmful asks fell (safety 1.0 ->
+    # 0.875 and 0.938 on worlds 0 and 1, at any SFT weight). Summed, the target is met within the run (loss
+    # 160 -> 7) and safety stayed at 0.958 on both (RESULTS.md)
+    "safety": dict(loss="ipo", beta=0.03, length_average=False, lr=1e-6, min_lr=1e-7, weight_decay=1e-3,
                    sft_weight=1.0, sft_data="sft/safety.jsonl", split_safety=True),
 }
 # the others: no offline preference recipe in the report (code and math use CoPG); ours

@@ -107,6 +107,9 @@ def test_recipes_before_lr_scaling_are_appendix_b():
     rag = copg.parse_args(["--capability", "rag", "--mode", "offline"])
     assert (rag.data_file, rag.sft_weight) == ("copg/rag.jsonl", 0.0)
     assert copg.parse_args(["--capability", "math"]).weight_decay == 0.0
+    # RAG's prompts carry documents: rows of 512 hold every one of them with a reply, 256 a third
+    seq_len = lambda *flags: copg.parse_args(["--capability", *flags]).seq_len  # noqa: E731
+    assert (seq_len("rag"), seq_len("math"), seq_len("rag", "--seq-len", "1024")) == (512, 256, 1024)
     assert copg.parse_args(["--capability", "code", "--weight-decay", "0"]).weight_decay == 0.0
 
 

@@ -98,6 +98,10 @@ def test_recipes_before_lr_scaling_are_appendix_b():
         assert (args.loss, args.beta) == (values["loss"], values["beta"])
         assert (args.lr, args.min_lr) == pytest.approx((values["lr"] * common.PREF_LR_SCALE,
                                                          values["min_lr"] * common.PREF_LR_SCALE))
+    # IPO's log-ratios summed over the reply (Azar et al.), where β 0.03's target 1/(2β) is reachable;
+    # SRPO's length-averaged (§3.5)
+    assert not prefopt.parse_args(["--capability", "safety"]).length_average
+    assert prefopt.parse_args(["--capability", "instruct"]).length_average
 
 
 def test_safety_splits_its_data_ipo_on_helpfulness_pairs_and_sft_on_refusals(world, enc):
