@@ -206,7 +206,9 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
     Each expert is scored alone on its domain first (the reference; domains whose experts all score 0 have
     nothing to retain and are left out). Then `budget` candidates: the start (uniform by default), then the
     best candidate so far with its weakest domain's experts upweighted by `step`, 2 `step` or 4 `step` (a
-    capability can need a large share before it shows at all; `upweighted`), then the next weakest domain;
+    capability can need a large share before it shows at all; `upweighted`), then the next weakest domain
+    (a domain whose three upweights all lost comes after the others, so that the budget goes where
+    upweighting works);
     once every lagging domain was tried from the best candidate, the leave-one-out merges around it (once),
     then that candidate with each weight perturbed by a factor exp(sigma · N(0, 1)). Weights are renormalised
     to sum to 1; a candidate replaces the best only if better. With `base`, model 0 is the experts' parent and
@@ -292,9 +294,12 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
             best = max(best, left_out, key=lambda c: c["objective"])
 
     tried = set()  # (best weights, domain, k): upweights by step · 2^k already tried
+    stuck = dict.fromkeys(scored, 0)  # per domain: how often all three of its upweights lost
     left_out_done = False
     while len(candidates) < budget:
-        lagging = sorted((d for d in scored if best["retention"][d] < 1), key=lambda d: best["retention"][d])
+        # the weakest first, but a domain whose upweights all lost goes after those whose did not
+        lagging = sorted((d for d in scored if best["retention"][d] < 1),
+                         key=lambda d: (stuck[d], best["retention"][d]))
         moves = [(search_key(best["weights"], []), d, k) for d in lagging for k in range(3)]
         moves = [move for move in moves if move not in tried]
         if moves:
@@ -313,6 +318,8 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
                                       "perturb")
         if candidate["objective"] > best["objective"]:
             best = candidate
+        elif moves and k == 2:   # by step, 2 step and 4 step from this best: all lost
+            stuck[weakest] += 1
     return best, candidates
 
 

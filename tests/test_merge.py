@@ -170,6 +170,23 @@ def test_search_upweights_the_weakest_domain_until_every_expert_is_retained(tmp_
     assert lines[3:] == json.loads(json.dumps(candidates))  # every candidate, as returned
 
 
+def test_search_moves_on_from_a_domain_whose_upweights_all_lost():
+    """Domain a shows only at a weight no merge gives it, and any more of expert a wipes out b and c (a
+    collision, as the tiny long-context expert's); b gains with every upweight. After a's three upweights
+    lose, the budget goes to b, not to a's three again from each new best."""
+    def score(weights, names):
+        wa, wb, wc = weights
+        collided = wa > 0.34
+        return {"a": 0.3 + 0.7 * (wa >= 0.9), "b": 0 if collided else min(1, wb / 0.8),
+                "c": 0 if collided else min(1, wc / 0.2)}
+
+    best, candidates = search_weights(["a", "b", "c"], score, budget=8)
+    kinds = [c["kind"] for c in candidates]
+    assert kinds[:4] == ["start", "upweight a by 0.2", "upweight a by 0.4", "upweight a by 0.8"]
+    assert kinds[4:7] == ["upweight b by 0.2"] * 3   # each from the one before, each better
+    assert best is candidates[6] and best["retention"]["b"] > candidates[4]["retention"]["b"]
+
+
 def test_search_leaves_out_domains_with_nothing_to_retain_and_reports_collisions(capsys):
     def score(weights, names):  # expert 1's domain scores 0 even alone; expert 2 hurts domain a
         return {d: {"a": max(0.0, weights[0] - weights[2]), "b": 0.0, "c": weights[2]}[d] for d in names}
