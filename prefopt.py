@@ -60,8 +60,8 @@ RECIPES = {
     # (the reply refuses). IPO's log-ratios summed over the reply, as Azar et al. define them: averaged per
     # token, its target 1/(2β) ≈ 16.7 nats a token is out of reach, the loss stays near 160 against the SFT
     # loss's 0.1, and the push towards answering never stops: refusals of harmful asks fell (safety 1.0 ->
-    # 0.875 and 0.938 on worlds 0 and 1, at any SFT weight). Summed, the target is met within the run (loss
-    # 160 -> 7) and safety stayed at 0.958 on both (RESULTS.md)
+    # 0.875 and 0.938 on worlds 0 and 1; 0.875 at SFT weights 1, 2 and 4). Summed, the target is met within
+    # the run (loss 160 -> 7) and safety stayed at 0.958 on both (RESULTS.md)
     "safety": dict(loss="ipo", beta=0.03, length_average=False, lr=1e-6, min_lr=1e-7, weight_decay=1e-3,
                    sft_weight=1.0, sft_data="sft/safety.jsonl", split_safety=True),
 }
@@ -79,7 +79,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
               −p log σ(βz) − (1 − p) log σ(−βz)
     ipo   (Azar et al. 2024): (z − (p − ½)/β)², i.e. (z − 1/(2β))² for a hard label. The IPO population
           loss regresses z on β⁻¹(P(y_w ≻ y_l) − ½); sampled hard labels give that target in expectation,
-          so a soft label enters the target directly. Used on per-token-averaged log-ratios, as in TRL.
+          so a soft label enters the target directly. TRL averages its log-ratios per token; the safety
+          recipe sums them, as Azar et al. do (RECIPES says why).
     slic  SLiC-HF (Zhao et al. 2023): max(0, δ − log π(y_w|x) + log π(y_l|x)) + λ · (−log π(y_w|x)); the
           calibration is on policy log-probs alone (no reference model), the regulariser is the
           cross-entropy of the chosen completion, the reference completion here.
