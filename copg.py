@@ -46,7 +46,9 @@ from evaluate import EVAL_MAX_NEW_TOKENS, evaluate_capability, verifier_rewards,
 from judges import load_reward_model, reward_model_scores
 from tasks import CAPABILITIES
 
-# Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE)
+# Each capability's recipe: mode, completions per prompt, β and the constant LR (before PREF_LR_SCALE). Those
+# without one: polishing's online CoPG with 2 generations per prompt (§3.5); β not given (ours)
+DEFAULT_RECIPE = dict(mode="online", k=2, beta=0.1, lr=2e-6)
 RECIPES = {
     # B.3.1 stage 3: offline CoPG, β 0.06, LR 2e-6 constant, "otherwise match the hyperparameters used for
     # SFT": stage 1's weight decay 0.1; §3.3.4.2's hybrid CE loss on the code SFT data (its weight is ours)
@@ -54,12 +56,10 @@ RECIPES = {
     "math": dict(mode="online", k=4, beta=0.06, lr=2e-6),  # B.4: LR 2e-6, no decay; β not given (ours)
     # §3.3.2.2 trains RAG offline on completions with preference judgments (here copg/rag.jsonl, judged by the
     # gold judge: --mode offline), but on the tiny soup that took RAG from 0.375 to 0.271 (0.292 at β 0.3,
-    # 0.271 with the SFT loss) where online CoPG kept 0.375: online, as the others (RESULTS.md). Rows of 512:
+    # 0.271 with the SFT loss) where online CoPG kept 0.375: the default recipe (RESULTS.md), on rows of 512:
     # with a tool result's documents in the prompt, 62 % of the RAG prompts do not fit 256 tokens with a reply
-    "rag": dict(mode="online", k=2, beta=0.1, lr=2e-6, seq_len=512),
+    "rag": DEFAULT_RECIPE | dict(seq_len=512),
 }
-# the others: polishing's online CoPG with 2 generations per prompt (§3.5); β not given (ours)
-DEFAULT_RECIPE = dict(mode="online", k=2, beta=0.1, lr=2e-6)
 
 
 def copg_loss(logps, ref_logps, rewards, beta):

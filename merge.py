@@ -200,25 +200,24 @@ def search_weights(domains: list, score, budget: int, start=None, step: float = 
                    seed: int = 0, log=None, cache: dict | None = None,
                    base: bool = False) -> tuple[dict, list[dict]]:
     """Search merge weights for models whose domains are `domains` (one per model, None for none).
-    `score(weights, names)` evaluates the merge with those weights on the named domains and returns
-    {domain: headline metric}.
+    `score(weights, names)` evaluates the merge with those weights on the named domains and returns {domain:
+    headline metric}.
 
     Each expert is scored alone on its domain first (the reference; domains whose experts all score 0 have
     nothing to retain and are left out). Then `budget` candidates: the start (uniform by default), then the
     best candidate so far with its weakest domain's experts upweighted by `step`, 2 `step` or 4 `step` (a
-    capability can need a large share before it shows at all; `upweighted`), then the next weakest domain
-    (a domain whose three upweights all lost comes after the others, so that the budget goes where
-    upweighting works);
-    once every lagging domain was tried from the best candidate, the leave-one-out merges around it (once),
-    then that candidate with each weight perturbed by a factor exp(sigma · N(0, 1)). Weights are renormalised
-    to sum to 1; a candidate replaces the best only if better. With `base`, model 0 is the experts' parent and
-    the search is over the others' task-arithmetic scales λ (the parent's weight is 1 − Σλ, so no
-    renormalising): after the start, the experts' scales 2x and 3x; leave-one-out leaves out experts only. The
-    parent is scored on the experts' domains too, and a domain's retention is the share of its expert's gain
-    over the parent that a candidate keeps; a domain whose expert does not beat the parent keeps the parent's
-    score as its reference, and the parent's own domain the parent's. Returns the best candidate and all of
-    them; each is {"kind", "weights", "scores", "retention", "objective"}. Every evaluation is written as a
-    JSON line to `log`; `cache` holds earlier ones (a restart replays them)."""
+    capability can need a large share before it shows at all; `upweighted`), then the next weakest domain (a
+    domain whose three upweights all lost comes after the others, so that the budget goes where upweighting
+    works); once every lagging domain was tried from the best candidate, the leave-one-out merges around it
+    (once), then that candidate with each weight perturbed by a factor exp(sigma · N(0, 1)). Weights are
+    renormalised to sum to 1; a candidate replaces the best only if better. With `base`, model 0 is the
+    experts' parent and the search is over the others' task-arithmetic scales λ (the parent's weight is 1 −
+    Σλ, so no renormalising): after the start, the experts' scales 2x and 3x; leave-one-out leaves out experts
+    only. The parent is scored on the experts' domains too, and a domain's retention is the share of its
+    expert's gain over the parent that a candidate keeps; a domain whose expert does not beat the parent keeps
+    the parent's score as its reference, and the parent's own domain the parent's. Returns the best candidate
+    and all of them; each is {"kind", "weights", "scores", "retention", "objective"}. Every evaluation is
+    written as a JSON line to `log`; `cache` holds earlier ones (a restart replays them)."""
     n, rng, cache = len(domains), random.Random(seed), {} if cache is None else cache
 
     def cached_scores(weights, names) -> dict:
